@@ -1,0 +1,425 @@
+"""Experiment configuration: frozen, validated dataclasses.
+
+Experiments are written as ml-collections `get_config()` files under `configs/`. They are converted
+once, at the edge (`load_config`), into the frozen dataclasses below; nothing past that point sees a
+ConfigDict, and jit only ever sees plain Python values unpacked from these dataclasses.
+
+Every problem is a `ConfigError` naming the dotted field: an unknown field, a wrong type, or an
+impossible value (heads not dividing, block size < 1, ...).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the dotted field name."""
+
+
+def _fail(field: str, message: str) -> typing.NoReturn:
+    raise ConfigError(f"{field}: {message}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+Family = Literal["sdar", "llada", "dream"]
+DType = Literal["float32", "bfloat16"]
+AttentionImpl = Literal["auto", "reference", "pallas"]
+RematPolicy = Literal["none", "full", "dots"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one decoder. Defaults are a tiny SDAR-style model (tests and the demo)."""
+
+    family: Family = "sdar"
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qk_norm: bool = True  # Qwen3/SDAR: per-head RMSNorm on q and k before RoPE
+    qkv_bias: bool = False  # Dream: biases on q, k, v
+    initializer_range: float = 0.02
+    block_size: int = 4  # the checkpoint's native diffusion block size (HF config `block_size`)
+    mask_token_id: int = 3
+    eos_token_id: int = 0
+    pad_token_id: int = 0
+    param_dtype: DType = "float32"
+    compute_dtype: DType = "float32"
+    remat: RematPolicy = "none"
+    attention_impl: AttentionImpl = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings", "block_size"):
+            if getattr(self, name) < 1:
+                _fail(f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            _fail("model.num_kv_heads", f"must divide num_heads={self.num_heads}, got {self.num_kv_heads}")
+        if self.head_dim % 2:
+            _fail("model.head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
+        if self.rope_theta <= 0:
+            _fail("model.rope_theta", f"must be > 0, got {self.rope_theta}")
+        if self.rms_norm_eps <= 0:
+            _fail("model.rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+        for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if not 0 <= value < self.vocab_size:
+                _fail(f"model.{name}", f"must be in [0, vocab_size={self.vocab_size}), got {value}")
+
+    @property
+    def num_query_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def logits_shifted(self) -> bool:
+        """Dream predicts token i+1 at position i (AR-initialised); SDAR and LLaDA predict token i."""
+        return self.family == "dream"
+
+    def num_params(self) -> int:
+        """Parameter count, as the Hugging Face checkpoint counts it."""
+        d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
+        if self.qkv_bias:
+            attn += hd * (self.num_heads + 2 * self.num_kv_heads)
+        if self.qk_norm:
+            attn += 2 * hd
+        layer = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.num_layers * layer + d + head
+
+
+RemaskingStrategy = Literal["low_confidence_static", "low_confidence_dynamic", "sequential", "entropy_bounded"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Block-diffusion sampling (spec section 2; defaults are the RL rollout's)."""
+
+    block_size: int = 4
+    denoising_steps: int = 4
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off; 1 = greedy
+    top_p: float = 1.0
+    remasking_strategy: RemaskingStrategy = "low_confidence_dynamic"
+    dynamic_threshold: float = 0.9
+    eb_threshold: float = 0.35
+    max_new_tokens: int = 64
+    stop_token_ids: tuple[int, ...] = ()
+    num_samples: int = 1  # responses per prompt (the RL group size)
+    prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            _fail("sampling.block_size", f"must be >= 1, got {self.block_size}")
+        if not 1 <= self.denoising_steps <= self.block_size:
+            _fail("sampling.denoising_steps",
+                  f"must be in [1, block_size={self.block_size}], got {self.denoising_steps}")
+        if self.temperature <= 0:
+            _fail("sampling.temperature", f"must be > 0 (use top_k=1 for greedy), got {self.temperature}")
+        if self.top_k < 0:
+            _fail("sampling.top_k", f"must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            _fail("sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.dynamic_threshold <= 1:
+            _fail("sampling.dynamic_threshold", f"must be in [0, 1], got {self.dynamic_threshold}")
+        if self.eb_threshold <= 0:
+            _fail("sampling.eb_threshold", f"must be > 0, got {self.eb_threshold}")
+        if self.max_new_tokens < 1:
+            _fail("sampling.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if self.num_samples < 1:
+            _fail("sampling.num_samples", f"must be >= 1, got {self.num_samples}")
+        if not self.prompt_buckets or list(self.prompt_buckets) != sorted(set(self.prompt_buckets)):
+            _fail("sampling.prompt_buckets", f"must be a non-empty increasing list, got {self.prompt_buckets}")
+
+
+Schedule = Literal["constant", "cosine", "linear"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and row construction shared by SFT and RL (spec sections 3.6 and 5)."""
+
+    steps: int = 100  # optimizer updates
+    batch_size: int = 16  # rows per update (global)
+    micro_batch_size: int = 0  # rows per micro-step; 0 = the whole batch in one pass
+    learning_rate: float = 1e-5
+    schedule: Schedule = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine/linear decay to learning_rate * min_lr_ratio
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    block_size: int = 4  # training block size (must equal the sampler's for TraceRL)
+    block_alignment: Literal["inference", "original"] = "inference"
+    lower_p: float = 0.1  # per-position mask probability ~ U(lower_p, upper_p) (block SFT)
+    upper_p: float = 0.9
+    post_num: int = 0  # right pads (= EOS for TraDo) kept in the loss; the original's default 0
+    max_prompt_len: int = 784
+    max_response_len: int = 2000
+    loss_normalization: Literal["padded_length", "tokens"] = "padded_length"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "block_size", "max_prompt_len", "max_response_len"):
+            if getattr(self, name) < 1:
+                _fail(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
+            _fail("train.micro_batch_size", f"must divide batch_size={self.batch_size}, got {self.micro_batch_size}")
+        if self.learning_rate <= 0:
+            _fail("train.learning_rate", f"must be > 0, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            _fail("train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            _fail("train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.lower_p <= self.upper_p <= 1:
+            _fail("train.lower_p", f"need 0 <= lower_p <= upper_p <= 1, got {self.lower_p}, {self.upper_p}")
+        if self.max_grad_norm < 0:
+            _fail("train.max_grad_norm", f"must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
+        if self.post_num < 0:
+            _fail("train.post_num", f"must be >= 0, got {self.post_num}")
+
+    @property
+    def num_micro_batches(self) -> int:
+        return self.batch_size // self.micro_batch_size if self.micro_batch_size else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: sizes of the (data, fsdp, tensor) axes; -1 takes the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self) -> None:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        if sum(1 for v in sizes.values() if v == -1) > 1:
+            _fail("mesh", "at most one axis may be -1")
+        for name, value in sizes.items():
+            if value == 0 or value < -1:
+                _fail(f"mesh.{name}", f"must be >= 1 or -1, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "tradojax"
+    workdir: str = "runs/tradojax"
+    seed: int = 10086
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole experiment. Sections not given in a config file take their defaults."""
+
+    experiment: ExperimentConfig = ExperimentConfig()
+    model: ModelConfig = ModelConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    # Weights: a local Hugging Face directory, or None for random initialisation.
+    hf_checkpoint: str | None = None
+    tokenizer: str | None = None  # a local tokenizer directory, "tiny" or "qwen3"
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion from ConfigDict / dict, with validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp)
+
+
+def _convert(value: Any, tp: Any, field: str) -> Any:
+    """Checks `value` against the annotation `tp` and converts lists to tuples, dicts to dataclasses."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, field)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            _fail(field, f"must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, field)
+            except ConfigError as err:
+                errors.append(str(err))
+        _fail(field, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            _fail(field, f"expected a list, got {type(value).__name__} {value!r}")
+        args = typing.get_args(tp)
+        item_type = args[0] if args else Any
+        return tuple(_convert(v, item_type, f"{field}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(field, f"expected bool, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(field, f"expected int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(field, f"expected float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(field, f"expected str, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"{field}: unsupported annotation {tp!r}")
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Builds dataclass `cls` from a (Config)dict; unknown fields and wrong types raise ConfigError."""
+    if isinstance(data, cls):
+        return data
+    if isinstance(data, ml_collections.ConfigDict):
+        data = data.to_dict()
+    where = prefix or "config"
+    if not isinstance(data, dict):
+        _fail(where, f"expected a section (dict), got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        _fail(name, f"unknown field (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else key
+        kwargs[key] = _convert(value, hints[key], name)
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict:
+    """The inverse of `from_dict` (tuples become lists): for saving next to checkpoints."""
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+    return plain(config)
+
+
+def _parse_override_value(raw: str) -> Any:
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw  # a bare string such as bfloat16
+
+
+def apply_overrides(config_dict: ml_collections.ConfigDict, overrides: list[str]) -> None:
+    """Applies `a.b.c=value` overrides (values parsed as Python literals, else strings)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected FIELD=VALUE")
+        key, raw = item.split("=", 1)
+        key = key.removeprefix("--").removeprefix("config.")
+        node = config_dict
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if part not in node:
+                _fail(key, f"unknown section {part!r}")
+            node = node[part]
+        value = _parse_override_value(raw)
+        if parts[-1] in node and isinstance(node[parts[-1]], float) and isinstance(value, int):
+            value = float(value)
+        with config_dict.unlocked() if hasattr(config_dict, "unlocked") else _nullcontext():
+            try:
+                node[parts[-1]] = value
+            except (TypeError, KeyError, AttributeError) as err:
+                _fail(key, str(err))
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def load_config_dict(path: str | Path) -> ml_collections.ConfigDict:
+    """Imports a `get_config()` file and returns its ConfigDict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"tradojax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # the user's file: report it with its name
+        raise ConfigError(f"config file {path} failed to import: {type(err).__name__}: {err}") from err
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} has no get_config() function")
+    config_dict = module.get_config()
+    if isinstance(config_dict, dict):
+        config_dict = ml_collections.ConfigDict(config_dict)
+    if not isinstance(config_dict, ml_collections.ConfigDict):
+        raise ConfigError(f"config file {path}: get_config() must return a ConfigDict, got {type(config_dict).__name__}")
+    return config_dict
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """`configs/x.py` + `a.b=value` overrides -> a validated, frozen Config."""
+    config_dict = load_config_dict(path)
+    apply_overrides(config_dict, list(overrides))
+    try:
+        return from_dict(Config, config_dict)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def split_config_args(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
+    """Separates `--config=FILE` and `--config.a.b=v` (absl style) from other arguments."""
+    path, overrides, rest = None, [], []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--config":
+            path = next(it, None)
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg.startswith("--config."):
+            if "=" in arg:
+                overrides.append(arg[len("--config."):])
+            else:
+                value = next(it, None)
+                if value is None:
+                    raise ConfigError(f"{arg}: missing value")
+                overrides.append(f"{arg[len('--config.'):]}={value}")
+        else:
+            rest.append(arg)
+    return path, overrides, rest
