@@ -1,0 +1,134 @@
+"""What SFT and RL updates share: token log-probs of the noisy copy, the optimizer, and one
+compiled update step with gradient accumulation over micro-batches.
+
+The step is a pure function `(params, opt_state, rows, extra) -> (params, opt_state, metrics)`,
+jitted once per row shape with params and optimizer state donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from tradojax.config import TrainConfig
+from tradojax.ops.masks import MaskRule
+from tradojax.training.rows import Rows
+
+LossFn = Callable[[nnx.Module, Rows, Any], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def noisy_token_logprobs(model: nnx.Module, rows: Rows) -> jax.Array:
+    """[B, L1] float32: log p(target_j) at each noisy position under the dual-stream mask.
+
+    Only the noisy copy goes through the LM head (the prompt and clean copy need no logits).
+    """
+    response_length = rows.targets.shape[1]
+    hidden = model.hidden_states(rows.tokens, rows.positions, rows.segments, MaskRule.BLOCK_DIFFUSION)
+    logits = model.hidden_to_logits(hidden[:, -response_length:])
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(log_probs, rows.targets[..., None], axis=-1)[..., 0]
+
+
+def masked_normaliser(rows: Rows, normalization: str) -> jax.Array:
+    """Per-row divisor: the padded response length L1 (the original) or the trained-token count."""
+    if normalization == "padded_length":
+        return jnp.full(rows.loss_mask.shape[:1], rows.loss_mask.shape[1], jnp.float32)
+    return jnp.maximum(rows.loss_mask.sum(axis=1), 1).astype(jnp.float32)
+
+
+def sft_loss(model: nnx.Module, rows: Rows, extra: Any, *, normalization: str = "padded_length"):
+    """−(1/B) Σ_rows (1/L1) Σ_masked log p(y_j) (spec section 5)."""
+    del extra
+    logp = noisy_token_logprobs(model, rows)
+    mask = rows.loss_mask.astype(jnp.float32)
+    per_row = -(logp * mask).sum(axis=1) / masked_normaliser(rows, normalization)
+    loss = jnp.mean(per_row * rows.weights)
+    tokens = mask.sum()
+    return loss, {"loss": loss, "nll_per_token": -(logp * mask).sum() / jnp.maximum(tokens, 1), "tokens": tokens}
+
+
+def make_schedule(config: TrainConfig) -> optax.Schedule:
+    peak, floor = config.learning_rate, config.learning_rate * config.min_lr_ratio
+    decay_steps = max(config.steps - config.warmup_steps, 1)
+    if config.schedule == "constant":
+        decay = optax.constant_schedule(peak)
+    elif config.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.min_lr_ratio)
+    else:
+        decay = optax.linear_schedule(peak, floor, decay_steps)
+    if config.warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, peak, config.warmup_steps)
+    return optax.join_schedules([warmup, decay], [config.warmup_steps])
+
+
+def make_optimizer(config: TrainConfig, learning_rate: float | None = None) -> optax.GradientTransformation:
+    """AdamW with the schedule and global-norm clipping; moments are kept in float32."""
+    if learning_rate is not None:
+        config = dataclasses.replace(config, learning_rate=learning_rate)
+    parts = []
+    if config.max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(config.max_grad_norm))
+    parts.append(optax.adamw(make_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
+                             weight_decay=config.weight_decay, mu_dtype=jnp.float32))
+    return optax.chain(*parts)
+
+
+def split_micro_batches(tree: Any, num_micro: int) -> Any:
+    """[B, ...] leaves -> [num_micro, B / num_micro, ...]."""
+    def split(x):
+        x = jnp.asarray(x)
+        if x.shape[0] % num_micro:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {num_micro} micro-batches")
+        return x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:])
+
+    return jax.tree.map(split, tree)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn,
+                    num_micro_batches: int = 1) -> Callable:
+    """The compiled update: mean gradient over micro-batches (lax.scan), one optimizer update.
+
+    Returns jitted `step(params, opt_state, rows, extra) -> (params, opt_state, metrics)`;
+    params and opt_state are donated. `extra` carries per-row arrays a loss needs (e.g. old
+    log-probs, advantages) and is split into micro-batches like the rows.
+    """
+
+    def micro_loss(params, rows, extra):
+        return loss_fn(nnx.merge(graphdef, params), rows, extra)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, rows: Rows, extra: Any = None):
+        micro_rows = split_micro_batches(rows, num_micro_batches)
+        micro_extra = split_micro_batches(extra, num_micro_batches) if extra is not None else None
+
+        def accumulate(carry, inputs):
+            grads_sum, metrics_sum = carry
+            mb_rows, mb_extra = inputs
+            (_, metrics), grads = grad_fn(params, mb_rows, mb_extra)
+            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+            metrics_sum = jax.tree.map(jnp.add, metrics_sum, metrics)
+            return (grads_sum, metrics_sum), None
+
+        zero_grads = jax.tree.map(jnp.zeros_like, params)
+        first_rows = jax.tree.map(lambda x: x[0], micro_rows)
+        first_extra = jax.tree.map(lambda x: x[0], micro_extra) if micro_extra is not None else None
+        metric_shapes = jax.eval_shape(lambda: grad_fn(params, first_rows, first_extra)[0][1])
+        zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+        (grads, metrics), _ = jax.lax.scan(accumulate, (zero_grads, zero_metrics), (micro_rows, micro_extra))
+        grads = jax.tree.map(lambda g: g / num_micro_batches, grads)
+        metrics = jax.tree.map(lambda m: m / num_micro_batches, metrics)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, metrics
+
+    return step
