@@ -1,0 +1,133 @@
+"""TraceRL rows, advantages and losses against hand-worked numbers."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tradojax.ops.masks import BlockAlignment
+from tradojax.rl.advantages import (difficulty_filter, group_zscore, outcome_token_rewards, trace_gae,
+                                    truncation_penalty)
+from tradojax.rl.losses import kl_estimate, policy_loss, value_loss
+from tradojax.rl.traces import shrink_steps, trace_rounds
+
+TRACE = np.array([2, 1, 1, 3, 5, 4])  # 6 generated tokens; b = 4, prompt of 4 (blocks agree)
+
+
+def positions(mask):
+    return np.flatnonzero(mask).tolist()
+
+
+def test_trace_rounds_shrink_1_hand_worked():
+    rounds = trace_rounds(TRACE, 6, response_length=8, prompt_length=4, block_size=4)
+    assert [positions(r.trained) for r in rounds] == [[1, 2, 5], [0, 4], [3]]
+    assert [positions(r.noisy) for r in rounds] == [[0, 1, 2, 3, 4, 5, 6, 7], [0, 3, 4, 6, 7], [3, 6, 7]]
+    np.testing.assert_array_equal(rounds[0].steps, [2, 1, 1, 3, 5, 4, 6, 6])  # pads: max + 1
+
+
+def test_trace_rounds_shrink_2_and_post_num():
+    np.testing.assert_array_equal(shrink_steps(np.array([2, 1, 1, 3]), 2), [2, 2, 2, 3])
+    np.testing.assert_array_equal(shrink_steps(np.array([7, 5, 9, 5, 8]), 2), [7, 7, 9, 7, 9])
+    rounds = trace_rounds(TRACE, 6, response_length=8, prompt_length=4, block_size=4, shrink=2)
+    assert [positions(r.trained) for r in rounds] == [[0, 1, 2, 4, 5], [3]]
+    rounds = trace_rounds(TRACE, 6, response_length=8, prompt_length=4, block_size=4, post_num=1)
+    assert [positions(r.trained) for r in rounds] == [[1, 2, 5], [0, 4], [3, 6]]  # the first pad (EOS slot)
+
+
+def test_trace_rounds_ragged_blocks_follow_inference_alignment():
+    """Prompt of 5 with b = 4: the first decode block holds 3 response tokens (positions 5-7),
+    so training blocks are [0,1,2] [3,4,5,6] under INFERENCE alignment, [0..3] [4..6] originally."""
+    trace = np.array([1, 2, 3, 4, 4, 5, 6])
+    aligned = trace_rounds(trace, 7, response_length=7, prompt_length=5, block_size=4)
+    assert [positions(r.trained) for r in aligned] == [[0, 3, 4], [1, 5], [2, 6]]
+    original = trace_rounds(trace, 7, response_length=7, prompt_length=5, block_size=4,
+                            alignment=BlockAlignment.ORIGINAL)
+    assert [positions(r.trained) for r in original] == [[0, 4], [1, 5], [2, 6], [3]]
+
+
+def test_every_token_is_trained_exactly_once():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(1, 20))
+        trace = np.sort(rng.integers(1, 12, size=n))
+        rng.shuffle(trace)
+        rounds = trace_rounds(trace, n, response_length=24, prompt_length=int(rng.integers(1, 9)),
+                              block_size=4, shrink=int(rng.integers(1, 3)))
+        counts = sum(r.trained.astype(int) for r in rounds)
+        np.testing.assert_array_equal(counts[:n], 1)
+        assert counts[n:].sum() == 0
+
+
+def test_trace_rounds_bad_input():
+    with pytest.raises(ValueError, match="1-based"):
+        trace_rounds(np.array([0, 1]), 2, response_length=4, prompt_length=2, block_size=4)
+    with pytest.raises(ValueError, match="trace has"):
+        trace_rounds(np.array([1]), 2, response_length=4, prompt_length=2, block_size=4)
+
+
+def test_group_zscore_filter_and_truncation():
+    correct = np.array([[1, 0, 0, 1], [1, 1, 1, 1], [0, 0, 0, 1]], float)
+    z = group_zscore(correct)
+    np.testing.assert_allclose(z[0], [1, -1, -1, 1])  # mean .5, population std .5
+    np.testing.assert_allclose(z[1], 0)
+    np.testing.assert_allclose(z[2], [-1 / np.sqrt(3)] * 3 + [np.sqrt(3)])
+    np.testing.assert_array_equal(difficulty_filter(correct, 0.2, 0.8), [True, False, True])
+    np.testing.assert_array_equal(truncation_penalty([1, 1, 1], [10, 95, 94], 100), [True, False, True])
+
+
+def test_gae_special_cases_and_hand_numbers():
+    steps = np.array([1, 1, 2, 3, 3, 9])
+    trainable = np.array([1, 1, 1, 1, 1, 0], bool)
+    values = np.array([0.1, 0.3, -0.2, 0.5, 0.7, 9.0])
+    rewards = outcome_token_rewards(2.0, steps, trainable)
+    np.testing.assert_array_equal(rewards, [0, 0, 0, 2, 2, 0])
+    returns, adv = trace_gae(rewards, values, steps, trainable, 1.0, 1.0)
+    np.testing.assert_allclose(returns[:5], 2.0)  # γ = λ = 1: R_j = R
+    np.testing.assert_allclose(adv[:5], 2.0 - values[:5])  # A_j = R − V_j
+    assert returns[5] == adv[5] == 0
+    # γ = 1, λ = 0: A_j = r_j − V_j + V*_{k+1}
+    _, adv0 = trace_gae(rewards, values, steps, trainable, 1.0, 0.0)
+    np.testing.assert_allclose(adv0[:5], [0 - 0.1 - 0.2, 0 - 0.3 - 0.2, 0 + 0.2 + 0.6, 2 - 0.5, 2 - 0.7])
+    # γ = 0.5, λ = 0.5 by hand: V* = [0.2, -0.2, 0.6], r* = [0, 0, 2]
+    # A*_3 = 2 - .6 = 1.4; A*_2 = 0 + .2 + .5*.6 + .25*1.4 = .85
+    returns, adv = trace_gae(rewards, values, steps, trainable, 0.5, 0.5)
+    np.testing.assert_allclose(adv[:2], [-0.1 + 0.5 * -0.2 + 0.25 * 0.85, -0.3 + 0.5 * -0.2 + 0.25 * 0.85])
+    np.testing.assert_allclose(returns[:5], [0.5, 0.5, 1.0, 2.0, 2.0])
+
+
+def test_policy_loss_hand_computed():
+    logp = jnp.array([[-1.0, -2.0, -0.5], [-0.3, -1.2, -4.0]])
+    old = jnp.array([[-1.2, -1.5, -0.5], [-0.3, -1.0, -1.0]])
+    adv = jnp.array([1.0, -2.0])
+    mask = jnp.array([[1, 1, 0], [1, 1, 1]], bool)
+    norm = jnp.array([3.0, 3.0])
+    loss, metrics = policy_loss(logp, old, adv, mask, norm, clip_eps=0.2, beta=0.1)
+    ratio = np.exp(np.array(logp - old))
+    g = np.minimum(ratio * np.array([[1.0], [-2.0]]), np.clip(ratio, 0.8, 1.2) * np.array([[1.0], [-2.0]]))
+    m = np.array(mask, float)
+    pg = -np.mean((g * m).sum(1) / 3)
+    d = np.array(logp - old)
+    k3 = np.exp(-d) - 1 + d
+    expected = pg + 0.1 * np.mean((k3 * m).sum(1) / 3)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    # |ratio - 1| > .2: e^.2 = 1.22, e^-.5 = .61, e^-3 = .05 (e^-.2 = .82 is inside): 3 of 5 trained tokens
+    assert float(metrics["clip_fraction"]) == pytest.approx(3 / 5)
+
+
+def test_equal_policies_give_ratio_one_and_zero_kl():
+    logp = jnp.array([[-1.0, -2.0], [-0.1, -3.0]])
+    mask = jnp.ones((2, 2), bool)
+    for estimator in ("k1", "k3"):
+        loss, metrics = policy_loss(logp, logp, jnp.array([0.5, -1.0]), mask, jnp.array([2.0, 2.0]),
+                                    clip_eps=0.2, beta=1.0, kl_estimator=estimator)
+        assert float(metrics["kl"]) == 0.0 and float(metrics["ratio_mean"]) == 1.0
+        assert float(loss) == pytest.approx(-np.mean([0.5 * 2 / 2, -1.0 * 2 / 2]))
+    assert float(kl_estimate(jnp.array(-1.0), jnp.array(-1.5), "k3")) == pytest.approx(np.exp(-0.5) - 1 + 0.5)
+
+
+def test_value_loss_clips():
+    values = jnp.array([[1.0, 0.0]])
+    old = jnp.array([[0.5, 0.0]])
+    returns = jnp.array([[0.0, 1.0]])
+    loss, _ = value_loss(values, old, returns, jnp.ones((1, 2), bool), jnp.array([2.0]), clip_eps=0.2)
+    # token 0: max(1², (0.7)²) / 2 = .5; token 1: max(1, 1) / 2 = .5; sum 1 / 2
+    assert float(loss) == pytest.approx(0.5)
