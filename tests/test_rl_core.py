@@ -131,3 +131,42 @@ def test_value_loss_clips():
     loss, _ = value_loss(values, old, returns, jnp.ones((1, 2), bool), jnp.array([2.0]), clip_eps=0.2)
     # token 0: max(1², (0.7)²) / 2 = .5; token 1: max(1, 1) / 2 = .5; sum 1 / 2
     assert float(loss) == pytest.approx(0.5)
+
+
+def test_coupled_rows_are_complements_and_random_rows_match_spec():
+    from tradojax.rl.methods import row_builder
+
+    rng = np.random.default_rng(0)
+    kwargs = dict(response_length=12, prompt_length=5, block_size=4, shrink=1, post_num=0,
+                  alignment=BlockAlignment.INFERENCE, lower_p=0.1, upper_p=0.9)
+    trace = np.arange(1, 10)
+    first, second = row_builder("coupled")(trace, 9, rng=rng, **kwargs)
+    np.testing.assert_array_equal(first.noisy, ~second.noisy)
+    np.testing.assert_array_equal(first.trained | second.trained, np.arange(12) < 9)
+    assert not (first.trained & second.trained).any()
+    # random masking: marginally Bernoulli((lower + upper) / 2) per position
+    rates = np.mean([row_builder("random_masking")(trace, 9, rng=rng, **kwargs)[0].noisy for _ in range(2000)], axis=0)
+    np.testing.assert_allclose(rates, 0.5, atol=0.05)
+    with pytest.raises(ValueError, match="unknown method 'grpo'"):
+        row_builder("grpo")
+
+
+def test_value_model_starts_from_the_policy_with_zero_values():
+    import jax
+    from tradojax.config import ModelConfig
+    from tradojax.models.transformer import init_model
+    from tradojax.models.value import value_model_from_policy
+    from tradojax.ops.masks import inference_segments
+
+    policy = init_model(ModelConfig(), seed=3)
+    value = value_model_from_policy(policy)
+    np.testing.assert_array_equal(value.backbone.layers.q_proj[...], policy.layers.q_proj[...])
+    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 512)
+    pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    seg = inference_segments(pos, jnp.ones((2, 8), bool), 4)
+    np.testing.assert_array_equal(value(tokens, pos, seg), 0.0)
+    # the head is trainable: its gradient is the normed hidden state, non-zero
+    from flax import nnx
+    graphdef, state = nnx.split(value)
+    grads = jax.grad(lambda s: nnx.merge(graphdef, s)(tokens, pos, seg).sum())(state)
+    assert float(jnp.abs(grads["value_head"][...]).sum()) > 0
