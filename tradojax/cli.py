@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("tradojax.demo:main", "train a tiny block-diffusion model end to end on CPU"),
     "sample": ("tradojax.sampling.commands:sample_main", "sample from a model with the block-diffusion sampler"),
     "trace-view": ("tradojax.sampling.commands:trace_view_main", "write an HTML page replaying a decode trace"),
+    "eval": ("tradojax.evaluation:main", "evaluate a model on a task set over a sampling sweep"),
+    "rl": ("tradojax.rl.commands:rl_main", "RL: TraceRL (optionally with a value model), random masking, coupled"),
     "import-hf": ("tradojax.models.commands:import_hf_main", "read a Hugging Face checkpoint directory"),
     "export-hf": ("tradojax.models.commands:export_hf_main", "write a checkpoint in Hugging Face (SDAR) form"),
     "aot": ("tradojax.parallel.aot:main", "compile steps for a TPU topology on this host; print memory and FLOPs"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import sys
 import types
 import typing
 from pathlib import Path
@@ -205,6 +206,91 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tasks come from: a file in the original's formats (spec section 7) or built-ins."""
+
+    train: str = "synthetic"  # a .json/.jsonl/.parquet path, "synthetic" or "humaneval"
+    eval: str = "synthetic"
+    kind: Literal["math", "code"] = "math"
+    synthetic_train_size: int = 2000
+    synthetic_eval_size: int = 64
+    synthetic_difficulty: int = 1
+    start_with_think: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("synthetic_train_size", "synthetic_eval_size", "synthetic_difficulty"):
+            if getattr(self, name) < 1:
+                _fail(f"data.{name}", f"must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """The evaluation sweep (spec section 8): each (strategy, top_k) pair is one run."""
+
+    strategies: tuple[RemaskingStrategy, ...] = ("low_confidence_dynamic", "low_confidence_static")
+    top_k: tuple[int, ...] = (0, 1)
+    num_samples: int = 3  # k responses per task: accuracy is avg@k; pass@k for code
+    num_tasks: int = 0  # 0 = all
+    max_new_tokens: int = 0  # 0 = sampling.max_new_tokens
+    output: str = ""  # results JSON path ("" = <workdir>/eval.json)
+
+    def __post_init__(self) -> None:
+        if len(self.strategies) != len(self.top_k) or not self.strategies:
+            _fail("eval.top_k", f"must pair element-wise with eval.strategies: {self.strategies} vs {self.top_k}")
+        if self.num_samples < 1:
+            _fail("eval.num_samples", f"must be >= 1, got {self.num_samples}")
+        if self.num_tasks < 0 or self.max_new_tokens < 0:
+            _fail("eval.num_tasks", "num_tasks and max_new_tokens must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """TraceRL and its siblings (spec sections 3 and 4; defaults are `rl_trado.yaml`'s)."""
+
+    method: Literal["tracerl", "random_masking", "coupled"] = "tracerl"
+    steps: int = 80
+    num_tasks_per_step: int = 64
+    num_responses_per_task: int = 16
+    clip_eps: float = 0.2
+    beta: float = 0.01
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_reference: Literal["rollout", "initial"] = "rollout"  # the original: the rollout policy
+    shrink: int = 1
+    difficulty_lower: float = 0.2
+    difficulty_upper: float = 0.8
+    epochs_per_step: int = 1
+    reset_optimizer_each_step: bool = False  # the original's behaviour (a fresh AdamW per step)
+    value_model: bool = False
+    value_learning_rate: float = 5e-6
+    train_value_every: int = 1
+    gamma: float = 1.0
+    lam: float = 1.0
+    save_every: int = 10
+    eval_every: int = 10
+    reward_workers: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "num_tasks_per_step", "num_responses_per_task", "shrink", "epochs_per_step",
+                     "train_value_every", "save_every", "eval_every", "reward_workers"):
+            if getattr(self, name) < 1:
+                _fail(f"rl.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.clip_eps < 1:
+            _fail("rl.clip_eps", f"must be in (0, 1), got {self.clip_eps}")
+        if self.beta < 0:
+            _fail("rl.beta", f"must be >= 0, got {self.beta}")
+        if not 0 <= self.difficulty_lower <= self.difficulty_upper <= 1:
+            _fail("rl.difficulty_lower", f"need 0 <= lower <= upper <= 1, got {self.difficulty_lower}, "
+                  f"{self.difficulty_upper}")
+        if self.value_model and self.method != "tracerl":
+            _fail("rl.value_model", f"the value model needs method='tracerl', got {self.method!r}")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            _fail("rl.gamma", f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        if self.value_learning_rate <= 0:
+            _fail("rl.value_learning_rate", f"must be > 0, got {self.value_learning_rate}")
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh: sizes of the (data, fsdp, tensor) axes; -1 takes the remaining devices."""
 
@@ -236,6 +322,9 @@ class Config:
     model: ModelConfig = ModelConfig()
     sampling: SamplingConfig = SamplingConfig()
     train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
+    rl: RLConfig = RLConfig()
     mesh: MeshConfig = MeshConfig()
     # Weights: a local Hugging Face directory, or None for random initialisation.
     hf_checkpoint: str | None = None
@@ -351,8 +440,9 @@ def apply_overrides(config_dict: ml_collections.ConfigDict, overrides: list[str]
         node = config_dict
         parts = key.split(".")
         for part in parts[:-1]:
-            if part not in node:
-                _fail(key, f"unknown section {part!r}")
+            if part not in node:  # a section the file leaves at its defaults; from_dict validates names
+                with config_dict.unlocked():
+                    node[part] = ml_collections.ConfigDict()
             node = node[part]
         value = _parse_override_value(raw)
         if parts[-1] in node and isinstance(node[parts[-1]], float) and isinstance(value, int):
@@ -379,10 +469,13 @@ def load_config_dict(path: str | Path) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"tradojax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent.absolute()))  # config files may build on their siblings
     try:
         spec.loader.exec_module(module)
     except Exception as err:  # the user's file: report it with its name
         raise ConfigError(f"config file {path} failed to import: {type(err).__name__}: {err}") from err
+    finally:
+        sys.path.pop(0)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} has no get_config() function")
     config_dict = module.get_config()

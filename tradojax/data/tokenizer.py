@@ -370,3 +370,13 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     if len({mask_id, eos_id}) != 2 or mask_id == im_end_id:
         raise TokenizerError(f"tokenizer {name!r}: mask id {mask_id} collides with eos/end-of-turn ids")
     return {"mask_id": int(mask_id), "eos_id": int(eos_id), "pad_id": int(pad_id), "im_end_id": int(im_end_id)}
+
+
+def tokenizer_from_name(name: str | None):
+    """A config's `tokenizer`: "tiny" (the built-in BPE, the default), "qwen3" (TraDo's, built
+    offline) or a local tokenizer directory."""
+    if name in (None, "tiny"):
+        return build_tiny_tokenizer()
+    if name == "qwen3":
+        return build_trado_tokenizer()
+    return load_tokenizer(name)

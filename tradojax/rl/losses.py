@@ -19,8 +19,13 @@ def kl_estimate(logp, ref_logp, estimator: str):
     raise ValueError(f"kl estimator must be 'k1' or 'k3', got {estimator!r}")
 
 
+def _row_mean(per_row, row_weights):
+    """Mean over rows; `row_weights` scales rows (0 for padding rows), as in `Rows.weights`."""
+    return jnp.mean(per_row if row_weights is None else per_row * row_weights)
+
+
 def policy_loss(logp, old_logp, advantages, mask, normaliser, *, clip_eps: float, beta: float,
-                kl_estimator: str = "k3", ref_logp=None):
+                kl_estimator: str = "k3", ref_logp=None, row_weights=None):
     """L = −mean_r (1/n_r) Σ_j min(ρA, clip(ρ, 1±ε)A) + β mean_r (1/n_r) Σ_j KL_j.
 
     `advantages` is [B] (one per response) or [B, L1] (per token, value-model variant). The KL is
@@ -35,9 +40,9 @@ def policy_loss(logp, old_logp, advantages, mask, normaliser, *, clip_eps: float
     unclipped = ratio * advantages
     clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
     surrogate = jnp.minimum(unclipped, clipped)
-    pg_loss = -jnp.mean((surrogate * mask).sum(axis=1) / normaliser)
+    pg_loss = -_row_mean((surrogate * mask).sum(axis=1) / normaliser, row_weights)
     kl = kl_estimate(logp, old_logp if ref_logp is None else ref_logp, kl_estimator)
-    kl_loss = jnp.mean((kl * mask).sum(axis=1) / normaliser)
+    kl_loss = _row_mean((kl * mask).sum(axis=1) / normaliser, row_weights)
     loss = pg_loss + beta * kl_loss
     tokens = jnp.maximum(mask.sum(), 1.0)
     metrics = {
@@ -49,10 +54,10 @@ def policy_loss(logp, old_logp, advantages, mask, normaliser, *, clip_eps: float
     return loss, metrics
 
 
-def value_loss(values, old_values, returns, mask, normaliser, *, clip_eps: float):
+def value_loss(values, old_values, returns, mask, normaliser, *, clip_eps: float, row_weights=None):
     """½ max((V̂ − R)², (V_old + clip(V̂ − V_old, ±ε) − R)²), summed per row over the mask."""
     mask = mask.astype(jnp.float32)
     clipped = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
     per_token = 0.5 * jnp.maximum((values - returns) ** 2, (clipped - returns) ** 2)
-    loss = jnp.mean((per_token * mask).sum(axis=1) / normaliser)
+    loss = _row_mean((per_token * mask).sum(axis=1) / normaliser, row_weights)
     return loss, {"value_loss": loss}

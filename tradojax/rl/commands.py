@@ -1,0 +1,45 @@
+"""`tradojax rl --config FILE [--config.a.b=v ...] [--resume] [--workdir DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tradojax.config import load_config, split_config_args
+
+
+def rl_main(argv: list[str]) -> int:
+    config_path, overrides, rest = split_config_args(argv)
+    parser = argparse.ArgumentParser(prog="tradojax rl", description="RL (TraceRL, random masking, coupled)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the workdir")
+    parser.add_argument("--workdir", help="run directory (default: experiment.workdir)")
+    args = parser.parse_args(rest)
+    if config_path is None:
+        parser.error("--config=FILE is required")
+    config = load_config(config_path, overrides)
+
+    from tradojax.data.tasks import load_tasks
+    from tradojax.data.tokenizer import tokenizer_from_name
+    from tradojax.models.loading import load_policy
+    from tradojax.parallel.mesh import make_mesh
+    from tradojax.rl.loop import Preempted, RLTrainer
+
+    workdir = args.workdir or config.experiment.workdir
+    mesh = make_mesh(config.mesh)
+    trainer = RLTrainer(config, load_policy(config, mesh=mesh), tokenizer_from_name(config.tokenizer),
+                        workdir=workdir, train_tasks=load_tasks(config.data, "train"),
+                        eval_tasks=load_tasks(config.data, "eval"), mesh=mesh)
+
+    def show(metrics: dict) -> None:
+        keys = ("step", "reward", "accuracy", "response_length", "tokens_per_step", "kl", "clip_fraction",
+                "sampler_trainer_logp_gap", "value_loss", "step_s")
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k in keys}),
+              flush=True)
+
+    try:
+        trainer.run(resume=args.resume, on_step=show)
+    except Preempted as stop:
+        print(stop)
+        return 0
+    print(f"done: {config.rl.steps} steps; metrics in {workdir}/metrics.jsonl, checkpoints in {workdir}/checkpoints")
+    return 0

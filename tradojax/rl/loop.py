@@ -1,0 +1,465 @@
+"""The RL loop in one process: rollout -> rewards (host pool, overlapped) -> (value) -> policy
+update -> metrics -> checkpoint -> periodic eval (spec section 3.1, without the disk round trips).
+
+The sampler reads the policy parameters in memory; rewards are scored by a host process pool
+while the device computes the old log-probs of every candidate row; rows carry the generated
+token ids and traces, never re-tokenised text. A SIGTERM (a preempted TPU VM) finishes the
+current step, saves, and exits; `resume=True` continues to the same parameters as an
+uninterrupted run (rollouts, task choice and row masks are functions of (seed, step)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tradojax.checkpoint import TrainCheckpointer
+from tradojax.config import Config, to_dict
+from tradojax.models.transformer import Decoder
+from tradojax.models.value import ValueModel, value_model_from_policy
+from tradojax.ops.masks import BlockAlignment, MaskRule
+from tradojax.rl.advantages import difficulty_filter, group_zscore, outcome_token_rewards, trace_gae
+from tradojax.rl.losses import policy_loss, value_loss
+from tradojax.rl.methods import row_builder
+from tradojax.rl.traces import TraceRound
+from tradojax.sampling.block_diffusion import BlockDiffusionSampler, prompt_bucket
+from tradojax.training.rows import Rows, pack_rows, round_up
+from tradojax.training.step import make_optimizer, make_train_step, masked_normaliser, noisy_token_logprobs
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows of one step
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StepRows:
+    """The training rows of one RL step (host numpy) and where each came from."""
+
+    rows: Rows
+    response: np.ndarray  # [R] index of the rollout row (response) of each training row
+    rounds: list[TraceRound]
+    num_real: int  # rows beyond this are padding (weight 0)
+    source: np.ndarray | None = None  # for a selection: the candidate row of each row
+
+
+def build_step_rows(
+    config: Config,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    traces: Sequence[np.ndarray],
+    keep: np.ndarray,
+    prompt_length: int,
+    rng: np.random.Generator,
+) -> StepRows | None:
+    """Rows for every kept response, padded to a multiple of `train.batch_size` rows."""
+    train, rl = config.train, config.rl
+    builder = row_builder(rl.method)
+    alignment = BlockAlignment(train.block_alignment)
+    response_length = config.sampling.max_new_tokens
+    prompt_ids, response_ids, noisy, trained, origin, rounds = [], [], [], [], [], []
+    for r in np.flatnonzero(keep):
+        made = builder(np.asarray(traces[r]), len(responses[r]), response_length=response_length,
+                       prompt_length=len(prompts[r]), block_size=train.block_size, shrink=rl.shrink,
+                       post_num=train.post_num, alignment=alignment, lower_p=train.lower_p,
+                       upper_p=train.upper_p, rng=rng)
+        for row in made:
+            prompt_ids.append(np.asarray(prompts[r]))
+            response_ids.append(np.asarray(responses[r]))
+            noisy.append(row.noisy)
+            trained.append(row.trained)
+            origin.append(r)
+            rounds.append(row)
+    if not origin:
+        return None
+    num_real = len(origin)
+    total = round_up(num_real, train.batch_size)
+    for _ in range(total - num_real):  # padding rows: a copy of row 0 that trains nothing
+        prompt_ids.append(prompt_ids[0])
+        response_ids.append(response_ids[0])
+        noisy.append(noisy[0])
+        trained.append(np.zeros_like(trained[0]))
+        origin.append(origin[0])
+    weights = np.zeros(total, np.float32)
+    weights[:num_real] = 1.0
+    rows = pack_rows(prompt_ids, response_ids, noisy, trained, prompt_length=prompt_length,
+                     response_length=response_length, pad_id=config.model.pad_token_id,
+                     mask_id=config.model.mask_token_id, block_size=train.block_size, alignment=alignment,
+                     weights=weights)
+    return StepRows(rows=rows, response=np.asarray(origin), rounds=rounds, num_real=num_real)
+
+
+def batch_slices(rows: Rows, batch_size: int):
+    for start in range(0, len(rows), batch_size):
+        yield jax.tree.map(lambda x: x[start:start + batch_size], rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def _policy_loss_fn(config: Config):
+    train, rl = config.train, config.rl
+
+    def loss_fn(model, rows: Rows, extra):
+        logp = noisy_token_logprobs(model, rows)
+        normaliser = masked_normaliser(rows, train.loss_normalization)
+        ref = extra.get("ref_logp")
+        loss, metrics = policy_loss(logp, extra["old_logp"], extra["advantages"], rows.loss_mask, normaliser,
+                                    clip_eps=rl.clip_eps, beta=rl.beta, kl_estimator=rl.kl_estimator,
+                                    ref_logp=ref, row_weights=rows.weights)
+        return loss, metrics
+
+    return loss_fn
+
+
+def _value_loss_fn(config: Config):
+    def loss_fn(model: ValueModel, rows: Rows, extra):
+        values = model(rows.tokens, rows.positions, rows.segments)[:, -rows.targets.shape[1]:]
+        normaliser = masked_normaliser(rows, config.train.loss_normalization)
+        return value_loss(values, extra["old_values"], extra["returns"], rows.loss_mask, normaliser,
+                          clip_eps=config.rl.clip_eps, row_weights=rows.weights)
+
+    return loss_fn
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _logprobs(graphdef, params, rows):
+    return noisy_token_logprobs(nnx.merge(graphdef, params), rows)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _values(graphdef, params, rows):
+    return nnx.merge(graphdef, params)(rows.tokens, rows.positions, rows.segments)[:, -rows.targets.shape[1]:]
+
+
+def _chunked(fn, graphdef, params, rows: Rows, batch_size: int) -> jax.Array:
+    """Runs `fn` over rows in batches of `batch_size` (one compiled shape); async on device."""
+    return jnp.concatenate([fn(graphdef, params, chunk) for chunk in batch_slices(rows, batch_size)])
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------
+
+
+class Preempted(Exception):
+    pass
+
+
+class RLTrainer:
+    """Runs `config.rl.steps` RL steps from `policy`, writing to `workdir`."""
+
+    def __init__(self, config: Config, policy: Decoder, tokenizer, *, workdir: str | Path, train_tasks,
+                 eval_tasks=(), mesh=None, log: Callable[[str], None] = print):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.train_tasks = list(train_tasks)
+        self.eval_tasks = list(eval_tasks)
+        self.mesh = mesh
+        self.log = log
+        rl = config.rl
+        self.kind = "code" if self.train_tasks and not hasattr(self.train_tasks[0], "ground_truth_answer") else "math"
+        self.sampling = dataclasses.replace(config.sampling, num_samples=rl.num_responses_per_task)
+        self.sampler = BlockDiffusionSampler(policy, self.sampling, mesh=mesh)
+        self.graphdef, self.params = nnx.split(policy)
+        self.tx = make_optimizer(config.train)
+        self.opt_state = self.tx.init(self.params)
+        self.policy_step = make_train_step(self.graphdef, self.tx, _policy_loss_fn(config),
+                                           config.train.num_micro_batches)
+        self.ref_params = jax.tree.map(jnp.copy, self.params) if rl.kl_reference == "initial" else None
+        if rl.value_model:
+            value = value_model_from_policy(policy)
+            self.value_graphdef, self.value_params = nnx.split(value)
+            self.value_tx = make_optimizer(config.train, learning_rate=rl.value_learning_rate)
+            self.value_opt_state = self.value_tx.init(self.value_params)
+            self.value_step = make_train_step(self.value_graphdef, self.value_tx, _value_loss_fn(config),
+                                              config.train.num_micro_batches)
+        from tradojax.data.pipeline import TaskSampler
+
+        self.task_sampler = TaskSampler(self.train_tasks, num_task_per_step=rl.num_tasks_per_step,
+                                        num_response_per_task=rl.num_responses_per_task, seed=config.experiment.seed)
+        from tradojax.data.templates import task_prompt
+
+        self._prompt_cache: dict[int, list[int]] = {}
+        self._task_prompt = lambda task: list(task_prompt(tokenizer, task, start_with_think=config.data.start_with_think).token_ids)
+        self.step = 0
+        self.history: list[dict] = []
+        self.checkpointer = TrainCheckpointer(self.workdir / "checkpoints")
+        self._stop = False
+
+    # ------------------------------------------------------------------ state
+
+    def _trees(self) -> dict[str, Any]:
+        trees = {"policy": self.params, "policy_opt": self.opt_state}
+        if self.config.rl.value_model:
+            trees |= {"value": self.value_params, "value_opt": self.value_opt_state}
+        return trees
+
+    def save(self) -> None:
+        meta = {"step": self.step, "task_sampler": self.task_sampler.get_state(), "history": self.history,
+                "config": to_dict(self.config)}
+        self.checkpointer.save(self.step, self._trees(), meta)
+
+    def restore(self) -> bool:
+        if self.checkpointer.latest_step() is None:
+            return False
+        step, meta = self.checkpointer.restore_meta()
+        trees = self.checkpointer.restore(step, self._trees())
+        self.params, self.opt_state = trees["policy"], trees["policy_opt"]
+        if self.config.rl.value_model:
+            self.value_params, self.value_opt_state = trees["value"], trees["value_opt"]
+        self.task_sampler.set_state(meta["task_sampler"])
+        self.step = int(meta["step"])
+        self.history = list(meta["history"])
+        self.log(f"resumed from {self.checkpointer.directory}/{step} (step {self.step})")
+        return True
+
+    # ------------------------------------------------------------------ one step
+
+    def prompt_ids(self, task_index: int, task) -> list[int]:
+        if task_index not in self._prompt_cache:
+            self._prompt_cache[task_index] = self._task_prompt(task)
+        return self._prompt_cache[task_index]
+
+    def run_step(self, pool) -> dict:
+        config, rl = self.config, self.config.rl
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+        task_step = self.task_sampler.step_tasks(self.step)
+        prompts = [self.prompt_ids(i, t) for i, t in zip(task_step.task_indices, task_step.tasks)]
+        key = jax.random.fold_in(jax.random.key(config.experiment.seed), self.step)
+        rollout = self.sampler.generate(prompts, rng=key, params=self.params).to_numpy()
+        responses = rollout.responses()
+        timings["rollout_s"] = time.perf_counter() - clock
+
+        # rewards on the host pool, while the device builds and scores every candidate row
+        clock = time.perf_counter()
+        texts = [self.tokenizer.decode(r, skip_special_tokens=False) for r in responses]
+        items = [task_step.tasks[i].to_dict() for i in rollout.prompt_index]
+        batch = pool.submit_batch(self.kind, items, texts, response_lengths=rollout.lengths.tolist(),
+                                  max_tokens=self.sampling.max_new_tokens)
+        rollout_prompts = [prompts[i] for i in rollout.prompt_index]
+        traces = [rollout.trace[r, : rollout.lengths[r]] for r in range(len(responses))]
+        row_rng = np.random.default_rng([config.experiment.seed, self.step, 0x5EED])
+        prompt_length = prompt_bucket(max(len(p) for p in prompts), self.sampling.prompt_buckets)
+        all_rows = build_step_rows(config, rollout_prompts, responses, traces, np.ones(len(responses), bool),
+                                   prompt_length, row_rng)
+        old_logp_all = _chunked(_logprobs, self.graphdef, self.params, all_rows.rows, config.train.batch_size)
+        results = batch.result()
+        timings["reward_s"] = time.perf_counter() - clock
+
+        groups, k = len(task_step.tasks), rl.num_responses_per_task
+        scores = np.array([r.score for r in results], np.float64).reshape(groups, k)
+        correct = np.array([r.correct for r in results], bool).reshape(groups, k)
+        raw_correct = np.array([r.details.get("raw_correct", r.correct) for r in results], bool)
+        advantages = group_zscore(scores if self.kind == "code" else correct.astype(np.float64))
+        if self.kind == "math":
+            keep_groups = difficulty_filter(correct, rl.difficulty_lower, rl.difficulty_upper)
+        else:  # the original drops a code task only when all its z-scores are 0
+            keep_groups = np.abs(advantages).sum(axis=1) > 0
+        keep = np.repeat(keep_groups, k)
+        metrics = {
+            "step": self.step + 1,
+            "reward": float(scores.mean()),
+            "accuracy": float(raw_correct.mean()),
+            "accuracy_after_truncation": float(correct.mean()),
+            "response_length": float(rollout.lengths.mean()),
+            "tokens_per_step": float(rollout.lengths.sum() / max(rollout.num_steps.sum(), 1)),
+            "kept_groups": int(keep_groups.sum()),
+        }
+
+        clock = time.perf_counter()
+        row_keep = keep[all_rows.response] & (np.arange(len(all_rows.response)) < all_rows.num_real)
+        if not row_keep.any():
+            self.log(f"step {self.step + 1}: every group filtered out (accuracy {metrics['accuracy']:.3f}); no update")
+            metrics |= timings
+            return metrics
+        step_rows = _select_rows(all_rows, row_keep, config.train.batch_size)
+        old_logp = jnp.asarray(np.asarray(old_logp_all)[step_rows.source])
+        # sampler vs trainer: the same token's log-prob under the rollout and under the row
+        sampler_logp = rollout.logprobs[step_rows.response][:, :step_rows.rows.targets.shape[1]]
+        mask = step_rows.rows.loss_mask
+        metrics["sampler_trainer_logp_gap"] = float(np.abs(np.asarray(old_logp) - sampler_logp)[mask].mean())
+        response_adv = advantages.reshape(-1)
+        if rl.value_model:
+            token_adv, value_metrics = self._value_phase(step_rows, response_adv, rollout)
+            metrics |= value_metrics
+            row_advantages = jnp.asarray(token_adv)
+        else:
+            row_advantages = jnp.asarray(response_adv[step_rows.response].astype(np.float32))
+        timings["value_s"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        if rl.reset_optimizer_each_step:
+            self.opt_state = self.tx.init(self.params)
+        ref_logp = (_chunked(_logprobs, self.graphdef, self.ref_params, step_rows.rows, config.train.batch_size)
+                    if self.ref_params is not None else None)
+        update_metrics = []
+        bs = config.train.batch_size
+        for _ in range(rl.epochs_per_step):
+            for start in range(0, len(step_rows.rows), bs):
+                part = slice(start, start + bs)
+                rows = jax.tree.map(lambda x: x[part], step_rows.rows)
+                extra = {"old_logp": old_logp[part], "advantages": row_advantages[part]}
+                if ref_logp is not None:
+                    extra["ref_logp"] = ref_logp[part]
+                self.params, self.opt_state, m = self.policy_step(self.params, self.opt_state, rows, extra)
+                update_metrics.append(m)
+        for name in ("kl", "clip_fraction", "ratio_mean", "pg_loss", "grad_norm"):
+            metrics[name] = float(np.mean([float(m[name]) for m in update_metrics]))
+        metrics["updates"] = len(update_metrics)
+        metrics["rows"] = int(step_rows.num_real)
+        timings["update_s"] = time.perf_counter() - clock
+        return metrics | timings
+
+    def _value_phase(self, step_rows: StepRows, response_adv: np.ndarray, rollout) -> tuple[np.ndarray, dict]:
+        """Old values -> per-token GAE over the trace steps -> value update (every k steps)."""
+        config, rl = self.config, self.config.rl
+        rows = step_rows.rows
+        old_values = np.asarray(_chunked(_values, self.value_graphdef, self.value_params, rows, config.train.batch_size))
+        length = rows.targets.shape[1]
+        returns = np.zeros_like(old_values)
+        token_adv = np.zeros_like(old_values)
+        for response in np.unique(step_rows.response[: step_rows.num_real]):
+            members = np.flatnonzero(step_rows.response[: step_rows.num_real] == response)
+            token_values = np.zeros(length)
+            trainable = np.zeros(length, bool)
+            for m in members:
+                trained = rows.loss_mask[m]
+                token_values[trained] = old_values[m][trained]
+                trainable |= trained
+            steps = step_rows.rounds[members[0]].steps
+            rewards = outcome_token_rewards(float(response_adv[response]), steps, trainable)
+            ret, adv = trace_gae(rewards, token_values, steps, trainable, rl.gamma, rl.lam)
+            for m in members:
+                trained = rows.loss_mask[m]
+                returns[m][trained] = ret[trained]
+                token_adv[m][trained] = adv[trained]
+        metrics = {}
+        if self.step % rl.train_value_every == 0:
+            losses = []
+            bs = config.train.batch_size
+            for start in range(0, len(rows), bs):
+                part = slice(start, start + bs)
+                chunk = jax.tree.map(lambda x: x[part], rows)
+                extra = {"old_values": jnp.asarray(old_values[part]), "returns": jnp.asarray(returns[part])}
+                self.value_params, self.value_opt_state, m = self.value_step(
+                    self.value_params, self.value_opt_state, chunk, extra)
+                losses.append(float(m["value_loss"]))
+            metrics["value_loss"] = float(np.mean(losses))
+        mask = rows.loss_mask
+        target, predicted = returns[mask], old_values[mask]
+        variance = target.var()
+        metrics["value_explained_variance"] = float(1 - (target - predicted).var() / variance) if variance > 0 else 0.0
+        return token_adv.astype(np.float32), metrics
+
+    # ------------------------------------------------------------------ the run
+
+    def evaluate(self, pool) -> list[dict]:
+        from tradojax.evaluation import evaluate
+
+        results = evaluate(self.sampler_model(), self.tokenizer, self.eval_tasks, self.config, pool=pool,
+                           mesh=self.mesh, seed=self.config.experiment.seed)
+        return [r.summary() for r in results]
+
+    def sampler_model(self) -> Decoder:
+        return nnx.merge(self.graphdef, self.params)
+
+    def run(self, *, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> list[dict]:
+        from tradojax.rewards import RewardPool
+
+        config, rl = self.config, self.config.rl
+        if resume:
+            self.restore()
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        writer = _MetricWriter(self.workdir)
+        try:
+            with RewardPool(num_workers=rl.reward_workers) as pool:
+                while self.step < rl.steps:
+                    start = time.perf_counter()
+                    metrics = self.run_step(pool)
+                    self.step += 1
+                    if self.eval_tasks and (self.step % rl.eval_every == 0 or self.step == rl.steps):
+                        for result in self.evaluate(pool):
+                            tag = f"{result['strategy']}_k{result['top_k']}"
+                            metrics[f"eval/{tag}/accuracy"] = result["accuracy"]
+                            metrics[f"eval/{tag}/mean_length"] = result["mean_length"]
+                    metrics["step_s"] = time.perf_counter() - start
+                    self.history.append(metrics)
+                    writer.write(metrics)
+                    if on_step is not None:
+                        on_step(metrics)
+                    if self.step % rl.save_every == 0 or self.step == rl.steps or self._stop:
+                        self.save()
+                    if self._stop:
+                        raise Preempted(f"SIGTERM: saved step {self.step} to {self.checkpointer.directory}")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            writer.close()
+        return self.history
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.log("SIGTERM received: finishing this step, then saving and exiting")
+        self._stop = True
+
+
+def _select_rows(all_rows: StepRows, keep: np.ndarray, batch_size: int) -> StepRows:
+    """The kept candidate rows, padded to a multiple of the batch with rows that train nothing.
+
+    Row weights make every update the mean over its real rows: in the last, partly padded batch
+    of n real rows the real rows weigh batch_size / n and padding rows 0.
+    """
+    kept = np.flatnonzero(keep)
+    total = round_up(len(kept), batch_size)
+    source = np.concatenate([kept, np.full(total - len(kept), kept[0])])
+    rows = jax.tree.map(lambda x: np.asarray(x)[source], all_rows.rows)
+    weights = np.ones(total, np.float32)
+    last_real = len(kept) - (total - batch_size)
+    weights[total - batch_size:] = np.where(np.arange(batch_size) < last_real, batch_size / last_real, 0.0)
+    loss_mask = rows.loss_mask.copy()
+    loss_mask[len(kept):] = False
+    rows = dataclasses.replace(rows, weights=weights, loss_mask=loss_mask)
+    return StepRows(rows=rows, response=all_rows.response[source], rounds=[all_rows.rounds[i] for i in kept],
+                    num_real=len(kept), source=source)
+
+
+class _MetricWriter:
+    """metrics.jsonl and TensorBoard event files under the workdir."""
+
+    def __init__(self, workdir: Path):
+        self.jsonl = open(workdir / "metrics.jsonl", "a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, metrics: dict) -> None:
+        self.jsonl.write(json.dumps(metrics) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)) and name != "step":
+                    self.tb.add_scalar(name, value, metrics["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
