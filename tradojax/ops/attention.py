@@ -77,17 +77,12 @@ def cached_block_attention(
 
 
 def resolve_impl(impl: str) -> str:
-    """`auto` takes the Pallas kernels on TPU/GPU and the reference elsewhere."""
+    """`auto` takes the Pallas kernels on TPU/GPU and the reference elsewhere (CPU).
+
+    On CPU, impl="pallas" runs the kernels in interpret mode (slow; for tests).
+    """
     if impl == "auto":
-        return "pallas" if jax.default_backend() in ("tpu", "gpu") and _pallas_available() else "reference"
+        return "pallas" if jax.default_backend() in ("tpu", "gpu") else "reference"
     if impl not in ("reference", "pallas"):
         raise ValueError(f"attention_impl must be 'auto', 'reference' or 'pallas', got {impl!r}")
     return impl
-
-
-def _pallas_available() -> bool:
-    try:
-        from tradojax.ops.pallas import dispatch  # noqa: F401
-    except ImportError:
-        return False
-    return True

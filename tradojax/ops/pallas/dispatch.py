@@ -1,0 +1,141 @@
+"""Entry points that `ops.attention` calls for impl="pallas": backend choice and sharding.
+
+Backend: TPU runs the Mosaic kernels, GPU the Pallas Triton kernels, and any other platform (CPU)
+runs the TPU kernels in interpret mode, so that the model and the sampler can be tested with
+the kernels on a laptop. `backend=` / `interpret=` override the choice (tests run both variants).
+
+Sharding: a Mosaic kernel cannot be partitioned by XLA. When the inputs live on a mesh of more
+than one device (the context mesh of `jax.set_mesh`, or the mesh carried by the inputs' shardings
+under `jit(in_shardings=...)`), the kernel runs under `shard_map`: the batch axis is split over
+the mesh axes in BATCH_AXES and the heads over HEAD_AXES where they divide (these match the
+`batch` and `heads` rules of `tradojax.parallel.mesh`); other mesh axes see replicated work.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from tradojax.ops import masks
+from tradojax.ops.masks import MaskRule, Segments
+from tradojax.ops.pallas import decode as decode_kernels
+from tradojax.ops.pallas import segment as segment_kernels
+
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXES = ("tensor",)
+
+
+# lowering platform -> (kernel variant, interpret); any other platform interprets the TPU kernels
+PLATFORM_KERNELS = {"tpu": ("tpu", False), "cuda": ("triton", False), "rocm": ("triton", False)}
+_OTHER_PLATFORMS = ("tpu", True)
+
+
+def kernel_backend(platform: str | None = None) -> tuple[str, bool]:
+    """(kernel variant, interpret) for a platform name (default: `jax.default_backend()`)."""
+    platform = platform or jax.default_backend()
+    return PLATFORM_KERNELS.get("cuda" if platform == "gpu" else platform, _OTHER_PLATFORMS)
+
+
+def _per_platform(make: Callable[[str, bool], Callable], backend: str | None, interpret: bool | None,
+                  *args):
+    """Runs make(variant, interpret)(*args). Without an explicit `backend`, the variant follows the
+    platform the computation is *lowered* for (`lax.platform_dependent`), not the host's default
+    backend: a jit compiled for TPU devices from a CPU host (AOT) gets the Mosaic kernels."""
+    if backend is not None:
+        native = kernel_backend() == (backend, False)
+        return make(backend, (not native) if interpret is None else interpret)(*args)
+    if interpret:
+        return make(_OTHER_PLATFORMS[0], True)(*args)
+    branches = {platform: make(*choice) for platform, choice in PLATFORM_KERNELS.items()}
+    return jax.lax.platform_dependent(*args, default=make(*_OTHER_PLATFORMS), **branches)
+
+
+def _mesh_of(arrays: Sequence[jax.Array]):
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        return mesh
+    for array in arrays:
+        candidate = getattr(getattr(jax.typeof(array), "sharding", None), "mesh", None)
+        if candidate is not None and not candidate.empty:
+            return candidate
+    return None
+
+
+def _split_axes(mesh, names: Sequence[str], sizes: Sequence[int]):
+    """The mesh axes among `names` (in order) whose product divides every one of `sizes`."""
+    chosen: list[str] = []
+    for name in names:
+        if name in mesh.axis_names and mesh.shape[name] > 1:
+            product = math.prod(mesh.shape[a] for a in chosen) * mesh.shape[name]
+            if all(size % product == 0 for size in sizes):
+                chosen.append(name)
+    if not chosen:
+        return None
+    return chosen[0] if len(chosen) == 1 else tuple(chosen)
+
+
+def _sharded(fn: Callable, arrays: Sequence, batch: int, head_sizes: Sequence[int], layouts: Sequence[str],
+             out_layout: str):
+    """Runs fn(*arrays) under shard_map when a multi-device mesh is in play.
+
+    A layout letter per dimension: 'b' batch, 'h' heads, '.' replicated.
+    """
+    leaves = jax.tree.leaves(arrays)
+    mesh = _mesh_of(leaves)
+    if mesh is None or mesh.size == 1:
+        return fn(*arrays)
+    batch_axes = _split_axes(mesh, BATCH_AXES, [batch])
+    head_axes = _split_axes(mesh, HEAD_AXES, head_sizes)
+
+    def spec(layout: str) -> P:
+        return P(*[batch_axes if c == "b" else head_axes if c == "h" else None for c in layout])
+
+    in_specs = tuple(jax.tree.map(lambda _: spec(layout), array) for array, layout in zip(arrays, layouts))
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec(out_layout), check_vma=False)(*arrays)
+
+
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, rule: MaskRule, segments: Segments, *,
+                      backend: str | None = None, interpret: bool | None = None,
+                      block_q: int | None = None, block_k: int | None = None) -> jax.Array:
+    """Kernel version of `ops.attention.segment_attention` (same inputs, same result).
+
+    q [B, T, H, D], k/v [B, T, Hkv, D]; differentiable. Rows that see no key attend to themselves
+    (`masks.self_only`), as the dense reference does.
+    """
+    batch, heads, kv_heads = q.shape[0], q.shape[2], k.shape[2]
+
+    def make(variant: str, interpret: bool):
+        return lambda q, k, v, segments: segment_kernels.flash_attention(
+            q, k, v, rule, segments, backend=variant, interpret=interpret, block_q=block_q, block_k=block_k)
+
+    def local(q, k, v, segments):
+        return _per_platform(make, backend, interpret, q, k, v, segments)
+
+    out = _sharded(local, (q, k, v, segments), batch, (heads, kv_heads), ("b.h.", "b.h.", "b.h.", "b."), "b.h.")
+    fallback = masks.self_only(rule, segments)
+    own_value = jnp.repeat(v, heads // kv_heads, axis=2).astype(out.dtype)
+    return jnp.where(fallback[:, :, None, None], own_value, out)
+
+
+def cached_block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cache_length: jax.Array,
+                           k_block: jax.Array, v_block: jax.Array, *, backend: str | None = None,
+                           interpret: bool | None = None, block_k: int | None = None) -> jax.Array:
+    """Kernel version of `ops.attention.cached_block_attention` (same inputs, same result).
+
+    q, k_block, v_block: [B, b, *, D]; k_cache, v_cache: [B, S, Hkv, D]; cache_length: [B].
+    """
+    batch, heads, kv_heads = q.shape[0], q.shape[2], k_cache.shape[2]
+
+    def make(variant: str, interpret: bool):
+        return lambda *args: decode_kernels.decode_attention(*args, backend=variant, interpret=interpret,
+                                                             block_k=block_k)
+
+    def local(*args):
+        return _per_platform(make, backend, interpret, *args)
+
+    return _sharded(local, (q, k_cache, v_cache, cache_length, k_block, v_block), batch, (heads, kv_heads),
+                    ("b.h.", "b.h.", "b.h.", "b", "b.h.", "b.h."), "b.h.")
