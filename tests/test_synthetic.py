@@ -135,3 +135,18 @@ def test_invalid_arguments():
         synthetic_math_tasks(150, seed=0, difficulty=1, kinds=["addition"])  # only 100 exist
     with pytest.raises(ValueError, match="out of range"):
         split_train_heldout(synthetic_math_tasks(10, seed=0), 11, seed=0)
+
+
+def test_structural_kinds_have_exact_answers_and_worked_solutions():
+    from tradojax.data.synthetic import synthetic_math_tasks, synthetic_solution
+
+    tasks = synthetic_math_tasks(40, 3, 2, kinds=["maximum", "reverse"])
+    assert {t.extra["kind"] for t in tasks} == {"maximum", "reverse"}
+    for task in tasks:
+        operands = task.extra["operands"]
+        if task.extra["kind"] == "maximum":
+            assert len(operands) == 4 and task.ground_truth_answer == str(max(operands))
+        else:
+            assert len(operands) == 4 and 0 not in operands
+            assert task.ground_truth_answer == "".join(str(d) for d in reversed(operands))
+        assert synthetic_solution(task).endswith(f"\\boxed{{{task.ground_truth_answer}}}")

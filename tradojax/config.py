@@ -215,6 +215,7 @@ class DataConfig:
     synthetic_train_size: int = 2000
     synthetic_eval_size: int = 64
     synthetic_difficulty: int = 1
+    synthetic_kinds: tuple[str, ...] = ()  # () = the arithmetic kinds (tradojax.data.synthetic)
     start_with_think: bool = False
     seed: int = 0
 

@@ -1,7 +1,9 @@
 """Built-in synthetic verifiable math tasks for the demo and tests.
 
-Four kinds, each with difficulty 1 (easiest) to 5: multi-digit ``addition``, ``subtraction``,
-``multiplication`` and ``linear_equation`` (solve for an integer x). Questions and answers are short
+Arithmetic kinds, each with difficulty 1 (easiest) to 5: multi-digit ``addition``, ``subtraction``,
+``multiplication`` and ``linear_equation`` (solve for an integer x); and structural kinds whose rule
+generalises to unseen operands even for a tiny model: ``maximum`` (the largest of a list) and
+``reverse`` (a digit string backwards). Questions and answers are short
 (a tiny model with ~128 tokens of context can learn them), answers are integer strings that the math
 verifiers accept, and generation is deterministic for a given seed. Each task's ``extra`` records the
 kind, difficulty, operands and a short worked ``solution`` ending in ``\\boxed{answer}`` (SFT target).
@@ -24,6 +26,8 @@ from tradojax.data.templates import (
 )
 
 SYNTHETIC_KINDS: tuple[str, ...] = ("addition", "subtraction", "multiplication", "linear_equation")
+# Structural kinds whose rule generalises to unseen operands (the CPU demo's model learns them).
+STRUCTURAL_KINDS: tuple[str, ...] = ("maximum", "reverse")
 MIN_DIFFICULTY, MAX_DIFFICULTY = 1, 5
 
 
@@ -98,7 +102,21 @@ def _linear_equation(rng: np.random.Generator, difficulty: int) -> tuple[str, in
     return f"{left} = {right}", x, [a, b, c_coef, d]
 
 
+def _maximum(rng: np.random.Generator, difficulty: int) -> tuple[str, int, list[int]]:
+    count, digits = {1: (3, 1), 2: (4, 1), 3: (5, 2), 4: (6, 2), 5: (8, 3)}[difficulty]
+    operands = [_uniform_digits(rng, digits) for _ in range(count)]
+    return ", ".join(str(v) for v in operands), max(operands), operands
+
+
+def _reverse(rng: np.random.Generator, difficulty: int) -> tuple[str, int, list[int]]:
+    count = {1: 3, 2: 4, 3: 5, 4: 6, 5: 7}[difficulty]
+    digits = [int(d) for d in rng.integers(1, 10, size=count)]  # no 0: the answer reads as a number
+    return " ".join(str(d) for d in digits), int("".join(str(d) for d in reversed(digits))), digits
+
+
 _GENERATORS: dict[str, Callable[[np.random.Generator, int], tuple[str, int, list[int]]]] = {
+    "maximum": _maximum,
+    "reverse": _reverse,
     "addition": _addition,
     "subtraction": _subtraction,
     "multiplication": _multiplication,
@@ -111,6 +129,12 @@ def _make_task(kind: str, difficulty: int, rng: np.random.Generator) -> MathTask
     if kind == "linear_equation":
         question = f"Solve for x: {expression}"
         solution = f"x = {answer}\n\\boxed{{{answer}}}"
+    elif kind == "maximum":
+        question = f"What is the largest of {expression}?"
+        solution = f"max({expression}) = {answer}\n\\boxed{{{answer}}}"
+    elif kind == "reverse":
+        question = f"Reverse the digits {expression}"
+        solution = f"{' '.join(reversed(expression.split()))}\n\\boxed{{{answer}}}"
     else:
         question = f"What is {expression}?"
         solution = f"{expression} = {answer}\n\\boxed{{{answer}}}"
@@ -131,7 +155,7 @@ def _validate(difficulty: int | Sequence[int], kinds: Sequence[str] | None) -> t
     chosen = SYNTHETIC_KINDS if kinds is None else tuple(kinds)
     unknown = [k for k in chosen if k not in _GENERATORS]
     if not chosen or unknown:
-        raise ValueError(f"kinds must be a non-empty subset of {SYNTHETIC_KINDS}, got {kinds!r}")
+        raise ValueError(f"kinds must be a non-empty subset of {tuple(_GENERATORS)}, got {kinds!r}")
     return tuple(int(d) for d in levels), chosen
 
 

@@ -18,7 +18,8 @@ def load_tasks(config: DataConfig, split: Split) -> list[MathTask] | list[CodeTa
         from tradojax.data.synthetic import synthetic_math_splits
 
         train, held_out = synthetic_math_splits(config.synthetic_train_size, config.synthetic_eval_size,
-                                                config.seed, config.synthetic_difficulty)
+                                                config.seed, config.synthetic_difficulty,
+                                                kinds=config.synthetic_kinds or None)
         return train if split == "train" else held_out
     if source == "humaneval":
         from tradojax.data.humaneval import load_humaneval
