@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("tradojax.sampling.commands:sample_main", "sample from a model with the block-diffusion sampler"),
     "trace-view": ("tradojax.sampling.commands:trace_view_main", "write an HTML page replaying a decode trace"),
     "eval": ("tradojax.evaluation:main", "evaluate a model on a task set over a sampling sweep"),
+    "sft": ("tradojax.sft.commands:sft_main", "SFT: block, trace, semi-AR, random masking; block-size adaptation"),
     "rl": ("tradojax.rl.commands:rl_main", "RL: TraceRL (optionally with a value model), random masking, coupled"),
     "import-hf": ("tradojax.models.commands:import_hf_main", "read a Hugging Face checkpoint directory"),
     "export-hf": ("tradojax.models.commands:export_hf_main", "write a checkpoint in Hugging Face (SDAR) form"),
@@ -44,13 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_tpu_probe()
     module_name, function_name = COMMANDS[name][0].split(":")
     handler = getattr(importlib.import_module(module_name), function_name)
-    from tradojax.config import ConfigError
-
     try:
         return int(handler(rest) or 0)
-    except ConfigError as err:
-        sys.stderr.write(f"tradojax {name}: config error: {err}\n")
+    except _user_errors() as err:  # bad input: a clear message naming the field/file, no traceback
+        sys.stderr.write(f"tradojax {name}: {type(err).__name__}: {err}\n")
         return 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from tradojax.checkpoint import CheckpointError
+    from tradojax.config import ConfigError
+    from tradojax.data.readers import DataFormatError
+    from tradojax.models.hf import CheckpointError as HFCheckpointError
+
+    return ConfigError, DataFormatError, CheckpointError, HFCheckpointError, FileNotFoundError
 
 
 if __name__ == "__main__":

@@ -1,31 +1,53 @@
-"""SFT for block-diffusion models (spec section 5): rows from (prompt ids, response ids) pairs.
+"""SFT (spec section 5): rows from (prompt ids, response ids) pairs, batched by length bucket.
 
+Block-diffusion (sdar) models train on `[prompt | clean | noisy]` rows under the block mask:
 `block` SFT (the original's `semi-ar`, the default) masks every response position with
-probability p_j ~ U(lower_p, upper_p) and trains all blocks at once; `trace` SFT builds rows from
-a recorded decode trace exactly as TraceRL does. Training state (params, optimizer, data position,
-step) is checkpointed with orbax and resumes exactly.
+probability p_j ~ U(lower_p, upper_p) and trains all blocks at once; `trace` SFT builds rows from a
+recorded decode trace exactly as TraceRL does. Full-attention models (llada, dream) train on
+single-stream `[prompt | noisy response]` rows (`semi_ar`, `random_masking`, `trace`; sft/rows.py).
+
+Block-size adaptation (the paper's: a block-4 model learns to decode at block 8) is block or trace
+SFT with `train.block_size` set to the new size; the trained model reports that size as its native
+one (`policy()`), and `evaluate_sampling` samples at any list of block sizes.
+
+Training state (params, optimizer, step, history) is checkpointed with orbax and resumes exactly:
+which rows make up update `step`, and their random masks, are pure functions of (seed, step).
+Parameters and row batches are sharded on a mesh when one is given (the `train` role rules).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tradojax.checkpoint import TrainCheckpointer
-from tradojax.config import Config, to_dict
+from tradojax.checkpoint import CheckpointError, TrainCheckpointer
+from tradojax.config import Config, TrainConfig, to_dict
 from tradojax.models.transformer import Decoder
 from tradojax.ops.masks import BlockAlignment
 from tradojax.rl.traces import trace_rounds
+from tradojax.sft.batches import BatchPlan, PlannedBatch, assign_buckets
+from tradojax.sft.config import SFTConfig
+from tradojax.sft.losses import full_sft_loss
+from tradojax.sft.rows import FullRows, full_trace_masks, pack_full_rows, random_masking_masks, semi_ar_masks
 from tradojax.training.rows import Rows, block_sft_masks, pack_rows, round_up
-from tradojax.training.step import make_optimizer, make_train_step, sft_loss
+from tradojax.training.step import make_optimizer, make_schedule, make_train_step, sft_loss
+
+_MASK_SALT = 0x5F7  # keeps SFT mask streams apart from other seeded streams
+_HELD_OUT_SEED = 0  # held-out masks are fixed: the held-out loss is comparable across steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +57,10 @@ class SFTPair:
     prompt: tuple[int, ...]
     response: tuple[int, ...]
     trace: tuple[int, ...] | None = None
+
+
+class Preempted(Exception):
+    """SIGTERM during SFT: the step finished and was saved; resume with `resume=True`."""
 
 
 def lengths_for(pairs: Sequence[SFTPair], config: Config) -> tuple[int, int]:
@@ -50,120 +76,488 @@ def lengths_for(pairs: Sequence[SFTPair], config: Config) -> tuple[int, int]:
     return round_up(longest_prompt, 8), round_up(longest_response, train.block_size)
 
 
-def sft_rows(pairs: Sequence[SFTPair], config: Config, rng: np.random.Generator, *, mode: str = "block",
-             prompt_length: int, response_length: int) -> Rows:
-    """Training rows of a batch of pairs (`mode` "block" or "trace")."""
-    train = config.train
-    alignment = BlockAlignment(train.block_alignment)
-    prompts, responses, noisy, trained = [], [], [], []
-    if mode == "block":
-        noisy, trained = block_sft_masks([len(p.response) for p in pairs], response_length, rng,
-                                         train.lower_p, train.upper_p, train.post_num)
-        prompts = [np.asarray(p.prompt) for p in pairs]
-        responses = [np.asarray(p.response) for p in pairs]
-    elif mode == "trace":
-        for pair in pairs:
-            trace = np.asarray(pair.trace if pair.trace is not None else np.arange(1, len(pair.response) + 1))
-            for row in trace_rounds(trace, len(pair.response), response_length=response_length,
-                                    prompt_length=len(pair.prompt), block_size=train.block_size,
-                                    post_num=train.post_num, alignment=alignment):
-                prompts.append(np.asarray(pair.prompt))
-                responses.append(np.asarray(pair.response))
-                noisy.append(row.noisy)
-                trained.append(row.trained)
+def example_masks(pair: SFTPair, config: Config, *, mode: str, response_length: int, rng: np.random.Generator,
+                  shrink: int = 1, mask_times_per_sample: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (noisy, trained) masks, each [response_length] bool, of every row of one example."""
+    train, family = config.train, config.model.family
+    n = len(pair.response)
+    trace = None if pair.trace is None else np.asarray(pair.trace, np.int64)
+    if family == "sdar":
+        if mode == "block":
+            noisy, trained = block_sft_masks([n], response_length, rng, train.lower_p, train.upper_p, train.post_num)
+            return list(zip(noisy, trained))
+        if mode == "trace":
+            rounds = trace_rounds(np.arange(1, n + 1) if trace is None else trace, n,
+                                  response_length=response_length, prompt_length=len(pair.prompt),
+                                  block_size=train.block_size, shrink=shrink, post_num=train.post_num,
+                                  alignment=BlockAlignment(train.block_alignment))
+            return [(r.noisy, r.trained) for r in rounds]
     else:
-        raise ValueError(f"SFT mode must be 'block' or 'trace', got {mode!r}")
-    return pack_rows(prompts, responses, noisy, trained, prompt_length=prompt_length,
-                     response_length=response_length, pad_id=config.model.pad_token_id,
-                     mask_id=config.model.mask_token_id, block_size=train.block_size, alignment=alignment)
+        if mode == "semi_ar":
+            return semi_ar_masks(n, response_length, block_size=train.block_size, lower_p=train.lower_p,
+                                 upper_p=train.upper_p, post_num=train.post_num, rng=rng, trace=trace)
+        if mode == "random_masking":
+            return random_masking_masks(n, response_length, times=mask_times_per_sample, lower_p=train.lower_p,
+                                        upper_p=train.upper_p, post_num=train.post_num, rng=rng)
+        if mode == "trace":
+            return full_trace_masks(trace, n, response_length, shrink=shrink, post_num=train.post_num)
+    SFTConfig(mode=mode).check_family(family)  # raises the ConfigError that explains the mismatch
+    raise AssertionError("unreachable")
+
+
+def pack_sft_rows(pairs: Sequence[SFTPair], masks: Sequence[tuple[np.ndarray, np.ndarray]], config: Config, *,
+                  prompt_length: int, response_length: int, weights: Sequence[float] | None = None) -> Rows | FullRows:
+    """Rows of `pairs[i]` with `masks[i]`: dual-stream for sdar, single-stream for llada/dream."""
+    model, train = config.model, config.train
+    prompts = [np.asarray(p.prompt) for p in pairs]
+    responses = [np.asarray(p.response) for p in pairs]
+    noisy = [m[0] for m in masks]
+    trained = [m[1] for m in masks]
+    if model.family == "sdar":
+        return pack_rows(prompts, responses, noisy, trained, prompt_length=prompt_length,
+                         response_length=response_length, pad_id=model.pad_token_id, mask_id=model.mask_token_id,
+                         block_size=train.block_size, alignment=BlockAlignment(train.block_alignment),
+                         weights=weights)
+    return pack_full_rows(prompts, responses, noisy, trained, prompt_length=prompt_length,
+                          response_length=response_length, pad_id=model.pad_token_id, mask_id=model.mask_token_id,
+                          weights=weights)
+
+
+def sft_rows(pairs: Sequence[SFTPair], config: Config, rng: np.random.Generator, *, mode: str = "block",
+             prompt_length: int, response_length: int, shrink: int = 1,
+             mask_times_per_sample: int = 1) -> Rows | FullRows:
+    """Training rows of a batch of pairs, in order (every row of pair 0, then of pair 1, ...).
+
+    `mode` is "block" or "trace" for sdar models (`Rows`), "semi_ar", "random_masking" or "trace"
+    for llada/dream (`FullRows`); see `SFTConfig`.
+    """
+    SFTConfig(mode=mode).check_family(config.model.family)
+    row_pairs, row_masks = [], []
+    for pair in pairs:
+        for masks in example_masks(pair, config, mode=mode, response_length=response_length, rng=rng,
+                                   shrink=shrink, mask_times_per_sample=mask_times_per_sample):
+            row_pairs.append(pair)
+            row_masks.append(masks)
+    if not row_pairs:
+        raise ValueError("sft_rows: the pairs yield no training row")
+    return pack_sft_rows(row_pairs, row_masks, config, prompt_length=prompt_length, response_length=response_length)
+
+
+def prepare_pairs(pairs: Sequence[SFTPair], config: Config, *, label: str = "train",
+                  log: Callable[[str], None] = print) -> list[SFTPair]:
+    """Checks pairs and applies the original's length rules: prompts longer than
+    `train.max_prompt_len` are dropped, responses longer than `train.max_response_len` truncated.
+
+    Raises ValueError naming the example for an empty prompt or response, a token id outside the
+    vocabulary, or a trace whose length differs from its response's.
+    """
+    train, vocab = config.train, config.model.vocab_size
+    kept, dropped, truncated = [], 0, 0
+    for i, pair in enumerate(pairs):
+        where = f"{label} example {i}"
+        if len(pair.prompt) == 0:
+            raise ValueError(f"{where}: empty prompt")
+        if len(pair.response) == 0:
+            raise ValueError(f"{where}: empty response (SFT responses end with the end-of-turn token)")
+        ids = np.concatenate([np.asarray(pair.prompt), np.asarray(pair.response)])
+        if ids.min() < 0 or ids.max() >= vocab:
+            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+            raise ValueError(f"{where}: token id {bad} is outside the vocabulary [0, model.vocab_size={vocab}) "
+                             "(does config.tokenizer match the model?)")
+        if pair.trace is not None:
+            if len(pair.trace) != len(pair.response):
+                raise ValueError(f"{where}: trace has {len(pair.trace)} steps for {len(pair.response)} response tokens")
+            if min(pair.trace) < 1:
+                raise ValueError(f"{where}: trace steps are 1-based, found {min(pair.trace)}")
+        if len(pair.prompt) > train.max_prompt_len:
+            dropped += 1
+            continue
+        if len(pair.response) > train.max_response_len:
+            truncated += 1
+            cut = train.max_response_len
+            pair = SFTPair(pair.prompt, pair.response[:cut], None if pair.trace is None else pair.trace[:cut])
+        kept.append(pair)
+    if dropped or truncated:
+        log(f"SFT {label}: dropped {dropped} examples with prompts over train.max_prompt_len={train.max_prompt_len}, "
+            f"truncated {truncated} responses to train.max_response_len={train.max_response_len}")
+    return kept
 
 
 class SFTTrainer:
-    """`config.train.steps` updates of `config.train.batch_size` rows, drawn by a seeded shuffle."""
+    """`config.train.steps` updates of `config.train.batch_size` rows from one length bucket each.
+
+    Args:
+      policy: the model to fine-tune (its family picks the row layout).
+      pairs: training examples; `held_out`: examples for `held_out_loss` (fixed masks).
+      mode: shorthand for `sft.mode` (kept for callers that pass only a mode).
+      sft: row, bucket, save and eval options (`SFTConfig`).
+      mesh: shard parameters, optimizer state and rows on it (`config.mesh` via `make_mesh`).
+      tokenizer, eval_tasks: for sampling evals (`evaluate_sampling`, sdar only).
+    """
 
     def __init__(self, config: Config, policy: Decoder, pairs: Sequence[SFTPair], *, workdir: str | Path,
-                 mode: str = "block", held_out: Sequence[SFTPair] = (), log: Callable[[str], None] = print):
-        if not pairs:
-            raise ValueError("SFT needs at least one example")
-        self.config = config
-        self.pairs = list(pairs)
-        self.held_out = list(held_out)
-        self.mode = mode
-        self.workdir = Path(workdir)
+                 mode: str | None = None, held_out: Sequence[SFTPair] = (), log: Callable[[str], None] = print,
+                 sft: SFTConfig | None = None, mesh: Mesh | None = None, tokenizer: Any = None,
+                 eval_tasks: Sequence[Any] = ()):
+        sft = sft or SFTConfig()
+        if mode is not None:
+            sft = dataclasses.replace(sft, mode=mode)
+        if policy.config != config.model:  # e.g. a Hugging Face checkpoint: its own config.json wins
+            log(f"SFT: using the policy's model config (family {policy.config.family!r}, block_size "
+                f"{policy.config.block_size}) instead of config.model")
+            config = dataclasses.replace(config, model=policy.config)
+        sft.check_family(config.model.family)
+        self.config, self.sft, self.mode = config, sft, sft.mode
+        self.family = config.model.family
         self.log = log
-        self.prompt_length, self.response_length = lengths_for(self.pairs + self.held_out, config)
-        self.graphdef, self.params = nnx.split(policy)
-        self.tx = make_optimizer(config.train)
-        self.opt_state = self.tx.init(self.params)
-        self.step_fn = make_train_step(self.graphdef, self.tx, sft_loss, config.train.num_micro_batches)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.mesh = mesh
+        self.tokenizer = tokenizer
+        self.eval_tasks = list(eval_tasks)
+        self.pairs = prepare_pairs(pairs, config, label="train", log=log)
+        self.held_out = prepare_pairs(held_out, config, label="held-out", log=log)
+        if not self.pairs:
+            raise ValueError("SFT needs at least one example (after dropping over-long prompts)")
+        train = config.train
+        if mesh is not None:
+            from tradojax.parallel.mesh import data_parallel_size
+
+            dp = data_parallel_size(mesh)
+            if train.batch_size % dp or (train.micro_batch_size and train.micro_batch_size % dp):
+                raise ValueError(f"train.batch_size={train.batch_size} (and micro_batch_size) must be divisible by "
+                                 f"the mesh's data-parallel size {dp}")
+
+        everything = self.pairs + self.held_out
+        buckets = assign_buckets([len(p.prompt) for p in everything], [len(p.response) for p in everything], sft,
+                                 train.block_size)
+        self.buckets, held_buckets = buckets[: len(self.pairs)], buckets[len(self.pairs):]
+        self.plan = BatchPlan(self.buckets, self._row_counts(self.pairs, self.buckets), train.batch_size,
+                              config.experiment.seed)
+        self.held_out_plan = (BatchPlan(held_buckets, self._row_counts(self.held_out, held_buckets), train.batch_size,
+                                        _HELD_OUT_SEED) if self.held_out else None)
+        self._held_out_batches: list[tuple[Any, int]] | None = None
+        if len(self.plan.rows_per_bucket) > 1:
+            log(f"SFT: {len(self.pairs)} examples, {sum(self.plan.row_counts)} rows in "
+                f"{len(self.plan.rows_per_bucket)} length buckets (L0, L1): "
+                + ", ".join(f"{b}: {n}" for b, n in self.plan.rows_per_bucket.items()))
+
+        self.graphdef, params = nnx.split(policy)
+        self.loss_fn = _LOSSES[train.loss_normalization if self.family == "sdar" else "full"]
+        if mesh is not None:
+            from tradojax.parallel.sharding import shard_params
+
+            params = shard_params(params, mesh, "train")
+        else:  # committed, like restored arrays: a resumed run reuses the compiled update
+            params = jax.device_put(params, jax.sharding.SingleDeviceSharding(_first_device(params)))
+        self.params = params
+        self.tx, self.step_fn = _train_step(self.graphdef, train, self.loss_fn)
+        self.schedule = make_schedule(train)
+        self.opt_state = self._on_mesh(self.tx.init(self.params))
+        if mesh is not None:
+            self.step_fn = _pinned_step(self.step_fn, self.params, self.opt_state, mesh)
         self.step = 0
         self.history: list[dict] = []
         self.checkpointer = TrainCheckpointer(self.workdir / "checkpoints")
+        self._stop = False
 
-    def batch_indices(self, step: int) -> np.ndarray:
-        """Epoch-wise seeded permutations: a pure function of (seed, step), so resumes are exact."""
-        n, b = len(self.pairs), self.config.train.batch_size
-        start = step * b
-        out = []
-        while len(out) < b:
-            epoch, offset = divmod(start + len(out), n)
-            permutation = np.random.default_rng([self.config.experiment.seed, epoch]).permutation(n)
-            take = min(b - len(out), n - offset)
-            out.extend(permutation[offset:offset + take].tolist())
-        return np.asarray(out)
+    # ------------------------------------------------------------------ rows
 
-    def rows_for(self, pairs: Sequence[SFTPair], rng: np.random.Generator) -> Rows:
-        return sft_rows(pairs, self.config, rng, mode=self.mode, prompt_length=self.prompt_length,
-                        response_length=self.response_length)
+    def example_masks(self, pair: SFTPair, response_length: int, rng: np.random.Generator):
+        """The (noisy, trained) masks of every row of `pair` under this trainer's mode."""
+        return example_masks(pair, self.config, mode=self.mode, response_length=response_length, rng=rng,
+                             shrink=self.sft.shrink, mask_times_per_sample=self.sft.mask_times_per_sample)
+
+    def _row_counts(self, pairs: Sequence[SFTPair], buckets) -> list[int]:
+        # Row counts do not depend on the random draws (every mode keeps each row non-empty).
+        return [len(self.example_masks(p, b[1], np.random.default_rng(0))) for p, b in zip(pairs, buckets)]
+
+    def batch_rows(self, planned: PlannedBatch, pairs: Sequence[SFTPair], row_counts: Sequence[int],
+                   rng_key: Sequence[int]) -> tuple[Rows | FullRows, int]:
+        """Host rows of a planned batch, padded to `batch_size` with rows that weigh 0; real rows
+        weigh batch_size / real so the update is the mean over real rows. Returns (rows, real)."""
+        prompt_length, response_length = planned.bucket
+        masks = {}
+        for example in dict.fromkeys(e for e, _ in planned.entries):
+            rng = np.random.default_rng([*rng_key, example, _MASK_SALT])
+            masks[example] = self.example_masks(pairs[example], response_length, rng)
+            if len(masks[example]) != row_counts[example]:
+                raise AssertionError(f"example {example}: {len(masks[example])} rows, planned {row_counts[example]}")
+        row_pairs = [pairs[e] for e, _ in planned.entries]
+        row_masks = [masks[e][r] for e, r in planned.entries]
+        real, size = len(row_pairs), self.config.train.batch_size
+        for _ in range(size - real):
+            row_pairs.append(row_pairs[0])
+            row_masks.append((row_masks[0][0], np.zeros_like(row_masks[0][1])))
+        weights = np.where(np.arange(size) < real, size / real, 0.0)
+        rows = pack_sft_rows(row_pairs, row_masks, self.config, prompt_length=prompt_length,
+                             response_length=response_length, weights=weights)
+        return rows, real
+
+    def rows_for_step(self, step: int) -> tuple[Rows | FullRows, int, int, PlannedBatch]:
+        """(rows, real rows, epoch, planned batch) of update `step` (0-based)."""
+        epoch, planned = self.plan.locate(step)
+        rows, real = self.batch_rows(planned, self.pairs, self.plan.row_counts,
+                                     (self.config.experiment.seed, epoch))
+        return rows, real, epoch, planned
+
+    # ------------------------------------------------------------------ placement
+
+    def _on_mesh(self, tree: Any) -> Any:
+        """Leaves not already laid out on the mesh (e.g. the optimizer's step count) are replicated;
+        without a mesh, everything is committed to the parameters' device."""
+        if self.mesh is None:
+            return jax.device_put(tree, jax.sharding.SingleDeviceSharding(_first_device(self.params)))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+
+        def place(x):
+            sharding = getattr(x, "sharding", None)
+            if isinstance(sharding, NamedSharding) and sharding.mesh == self.mesh:
+                return x
+            return jax.device_put(x, replicated)
+
+        return jax.tree.map(place, tree)
+
+    def place_rows(self, rows: Rows | FullRows) -> Rows | FullRows:
+        """Device rows: the batch axis sharded over the mesh's data axes (or one device)."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, rows)
+        from tradojax.parallel.mesh import batch_sharding
+
+        return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, np.ndim(x))), rows)
+
+    # ------------------------------------------------------------------ steps and evals
+
+    def train_step(self) -> dict:
+        """One update; returns its metrics record."""
+        start = time.perf_counter()
+        rows, real, epoch, planned = self.rows_for_step(self.step)
+        learning_rate = float(self.schedule(self.step))
+        self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, self.place_rows(rows))
+        self.step += 1
+        return {"step": self.step, "epoch": epoch, "loss": float(metrics["loss"]),
+                "nll_per_token": float(metrics["nll_per_token"]), "grad_norm": float(metrics["grad_norm"]),
+                "rows": real, "tokens": int(rows.loss_mask[:real].sum()), "bucket": list(planned.bucket),
+                "learning_rate": learning_rate, "step_s": time.perf_counter() - start}
 
     def held_out_loss(self) -> float:
-        """Mean SFT loss on the held-out pairs under fixed masks (seed 0)."""
-        rows = self.rows_for(self.held_out, np.random.default_rng(0))
-        return float(_eval_loss(self.graphdef, self.params, rows))
+        """Mean SFT loss over the held-out rows under fixed masks (seed 0)."""
+        if self.held_out_plan is None:
+            raise ValueError("held_out_loss: the trainer has no held-out examples")
+        if self._held_out_batches is None:
+            self._held_out_batches = []
+            for planned in self.held_out_plan.epoch(0):
+                rows, real = self.batch_rows(planned, self.held_out, self.held_out_plan.row_counts,
+                                             (_HELD_OUT_SEED, 0, 1))
+                self._held_out_batches.append((self.place_rows(rows), real))
+        total = sum(float(_eval_loss(self.graphdef, self.params, rows, self.loss_fn)) * real
+                    for rows, real in self._held_out_batches)
+        return total / sum(real for _, real in self._held_out_batches)
+
+    def evaluate_sampling(self, block_sizes: Sequence[int] | None = None, pool=None) -> dict[int, list]:
+        """`tradojax.evaluation.evaluate` on the eval tasks at each sampling block size.
+
+        Denoising steps scale with the block (steps/block kept, e.g. 4/4 -> 8/8).
+        """
+        from tradojax.evaluation import evaluate
+
+        if self.family != "sdar":
+            raise ValueError("sampling evals need the block-diffusion sampler (model.family 'sdar'), "
+                             f"got {self.family!r}")
+        if self.tokenizer is None or not self.eval_tasks:
+            raise ValueError("evaluate_sampling: the trainer needs a tokenizer and eval_tasks")
+        sampling = self.config.sampling
+        block_sizes = list(block_sizes or self.sft.eval_block_sizes or (sampling.block_size,))
+        model = self.policy()
+        results = {}
+        for block in block_sizes:
+            steps = max(1, min(block, round(sampling.denoising_steps * block / sampling.block_size)))
+            config = dataclasses.replace(self.config, sampling=dataclasses.replace(
+                sampling, block_size=block, denoising_steps=steps))
+            results[block] = evaluate(model, self.tokenizer, self.eval_tasks, config, pool=pool, mesh=self.mesh,
+                                      seed=self.config.experiment.seed)
+        return results
+
+    def evaluate(self, pool=None) -> dict:
+        """The eval metrics of the current parameters: held-out loss and sampling accuracy."""
+        record: dict[str, float] = {}
+        if self.held_out_plan is not None:
+            record["held_out_loss"] = self.held_out_loss()
+        if self.eval_tasks and self.tokenizer is not None and self.family == "sdar":
+            for block, results in self.evaluate_sampling(pool=pool).items():
+                for result in results:
+                    tag = f"eval/b{block}/{result.strategy}_k{result.top_k}"
+                    record[f"{tag}/accuracy"] = result.accuracy
+                    record[f"{tag}/mean_length"] = result.mean_length
+                    record[f"{tag}/tokens_per_step"] = result.tokens_per_step
+        return record
 
     def policy(self) -> Decoder:
-        return nnx.merge(self.graphdef, self.params)
+        """The trained model. After block-size adaptation (block/trace SFT at a `train.block_size`
+        other than the model's), its config names the new native block size (exported as such)."""
+        model = nnx.merge(self.graphdef, self.params)
+        if self.family == "sdar" and self.config.train.block_size != model.config.block_size:
+            model.config = dataclasses.replace(model.config, block_size=self.config.train.block_size)
+        return model
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _meta(self) -> dict:
+        return {"step": self.step, "history": self.history, "config": to_dict(self.config), "mode": self.mode,
+                "sft": to_dict(self.sft), "plan": self.plan.fingerprint()}
 
     def save(self) -> None:
-        meta = {"step": self.step, "history": self.history, "config": to_dict(self.config), "mode": self.mode}
-        self.checkpointer.save(self.step, {"policy": self.params, "policy_opt": self.opt_state}, meta)
+        """Checkpoints params, optimizer state and the run record at the current step."""
+        self.checkpointer.save(self.step, {"policy": self.params, "policy_opt": self.opt_state}, self._meta())
 
     def restore(self) -> bool:
+        """Loads the latest checkpoint of the workdir (False if there is none)."""
         if self.checkpointer.latest_step() is None:
             return False
         step, meta = self.checkpointer.restore_meta()
+        saved_plan = meta.get("plan")
+        if saved_plan is not None and saved_plan != json.loads(json.dumps(self.plan.fingerprint())):
+            raise CheckpointError(
+                f"{self.checkpointer.directory}/{step}: the checkpoint was trained on other data or batching "
+                f"(saved {saved_plan}, now {self.plan.fingerprint()}); resume needs the same examples, mode, "
+                "buckets, batch size and seed")
         trees = self.checkpointer.restore(step, {"policy": self.params, "policy_opt": self.opt_state})
-        self.params, self.opt_state = trees["policy"], trees["policy_opt"]
+        self.params, self.opt_state = trees["policy"], self._on_mesh(trees["policy_opt"])
         self.step, self.history = int(meta["step"]), list(meta["history"])
-        self.log(f"resumed SFT from {self.checkpointer.directory}/{step}")
+        # Metrics written after the checkpoint (a run killed before its next save) are replaced.
+        with open(self.workdir / "sft_metrics.jsonl", "w") as metrics_file:
+            metrics_file.writelines(json.dumps(record) + "\n" for record in self.history)
+        self.log(f"resumed SFT from {self.checkpointer.directory}/{step} (step {self.step})")
         return True
 
-    def run(self, *, resume: bool = False, save_every: int = 0, eval_every: int = 0,
+    # ------------------------------------------------------------------ the run
+
+    def run(self, *, resume: bool = False, save_every: int | None = None, eval_every: int | None = None,
             on_step: Callable[[dict], None] | None = None) -> list[dict]:
+        """Trains to `config.train.steps`; saves every `save_every` steps and at the end, evaluates
+        every `eval_every` (defaults: `sft.save_every` / `sft.eval_every`; 0 = never). A SIGTERM
+        finishes the current step, saves, and raises `Preempted`."""
+        save_every = self.sft.save_every if save_every is None else save_every
+        eval_every = self.sft.eval_every if eval_every is None else eval_every
         if resume:
             self.restore()
         total = self.config.train.steps
-        with open(self.workdir / "sft_metrics.jsonl", "a") as log_file:
+        sampling_evals = eval_every and self.eval_tasks and self.tokenizer is not None and self.family == "sdar"
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self._sigterm_handler())
+            writer = stack.enter_context(_MetricWriter(self.workdir))
+            pool = None
+            if sampling_evals:
+                from tradojax.rewards import RewardPool
+
+                pool = stack.enter_context(RewardPool(num_workers=self.config.rl.reward_workers))
             while self.step < total:
-                start = time.perf_counter()
-                rng = np.random.default_rng([self.config.experiment.seed, self.step, 0x5F7])
-                rows = self.rows_for([self.pairs[i] for i in self.batch_indices(self.step)], rng)
-                self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, rows)
-                self.step += 1
-                record = {"step": self.step, "loss": float(metrics["loss"]),
-                          "nll_per_token": float(metrics["nll_per_token"]),
-                          "grad_norm": float(metrics["grad_norm"]), "step_s": time.perf_counter() - start}
-                if self.held_out and eval_every and (self.step % eval_every == 0 or self.step == total):
-                    record["held_out_loss"] = self.held_out_loss()
+                record = self.train_step()
+                if eval_every and (self.step % eval_every == 0 or self.step == total):
+                    record |= self.evaluate(pool)
                 self.history.append(record)
-                log_file.write(json.dumps(record) + "\n")
+                writer.write(record)
                 if on_step is not None:
                     on_step(record)
-                if save_every and (self.step % save_every == 0 or self.step == total):
+                if (save_every and (self.step % save_every == 0 or self.step == total)) or self._stop:
                     self.save()
+                if self._stop:
+                    raise Preempted(f"SIGTERM: saved SFT step {self.step} to {self.checkpointer.directory}")
         return self.history
 
+    @contextlib.contextmanager
+    def _sigterm_handler(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _eval_loss(graphdef, params, rows: Rows) -> jax.Array:
-    return sft_loss(nnx.merge(graphdef, params), rows, None)[0]
+        def on_sigterm(signum, frame):
+            self.log("SIGTERM received: finishing this step, then saving and exiting")
+            self._stop = True
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _MetricWriter:
+    """sft_metrics.jsonl (and TensorBoard event files when tensorboardX is installed) in the workdir."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.tb = None
+
+    def __enter__(self):
+        self.jsonl = open(self.workdir / "sft_metrics.jsonl", "a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        except ImportError:
+            self.tb = None
+        return self
+
+    def write(self, record: dict) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for name, value in record.items():
+                if isinstance(value, (int, float)) and name != "step":
+                    self.tb.add_scalar(f"sft/{name}" if "/" not in name else name, value, record["step"])
+
+    def __exit__(self, *exc) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _first_device(tree: Any) -> jax.Device:
+    leaf = jax.tree.leaves(tree)[0]
+    return next(iter(leaf.devices())) if hasattr(leaf, "devices") else jax.devices()[0]
+
+
+_LOSSES: dict[str, Callable] = {
+    "padded_length": functools.partial(sft_loss, normalization="padded_length"),
+    "tokens": functools.partial(sft_loss, normalization="tokens"),
+    "full": full_sft_loss,
+}
+_STEPS: dict[tuple, tuple[optax.GradientTransformation, Callable]] = {}
+
+
+def _train_step(graphdef: nnx.GraphDef, train: TrainConfig, loss_fn: Callable):
+    """(optimizer, compiled update), shared by trainers of the same model, optimizer and loss, so
+    a second trainer in a process (a resume, an adaptation run, tests) compiles nothing new."""
+    optimizer = tuple(getattr(train, name) for name in (
+        "learning_rate", "schedule", "warmup_steps", "min_lr_ratio", "weight_decay", "b1", "b2", "eps",
+        "max_grad_norm"))
+    if train.schedule != "constant":  # a decaying schedule depends on the run length
+        optimizer += (train.steps,)
+    key = (graphdef, optimizer, loss_fn, train.num_micro_batches)
+    if key not in _STEPS:
+        tx = make_optimizer(train)
+        _STEPS[key] = (tx, make_train_step(graphdef, tx, loss_fn, train.num_micro_batches))
+    return _STEPS[key]
+
+
+_PINNED: dict[tuple, Callable] = {}
+
+
+def _pinned_step(step_fn: Callable, params: Any, opt_state: Any, mesh: Mesh) -> Callable:
+    """The update with its outputs pinned to the inputs' layouts: left to propagation, XLA moves
+    some parameters (e.g. norm scales) onto other mesh axes after the first step."""
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+    key = (step_fn, mesh, jax.tree.structure(params), tuple(jax.tree.leaves(param_shardings)),
+           tuple(jax.tree.leaves(opt_shardings)))
+    if key not in _PINNED:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        _PINNED[key] = jax.jit(step_fn, out_shardings=(param_shardings, opt_shardings, replicated),
+                               donate_argnums=(0, 1))
+    return _PINNED[key]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn"))
+def _eval_loss(graphdef, params, rows, loss_fn) -> jax.Array:
+    return loss_fn(nnx.merge(graphdef, params), rows, None)[0]
