@@ -27,7 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
         mask_token_id=151669,
         eos_token_id=151643,
         pad_token_id=151643,
-        param_dtype="bfloat16",
+        # float32 master weights, bfloat16 compute: AdamW steps of lr 1e-6 vanish in bfloat16 weights
+        param_dtype="float32",
         compute_dtype="bfloat16",
         remat="full",
         attention_impl="auto",

@@ -29,8 +29,8 @@ META_ITEM = "meta"
 INTEGRITY_ITEM = "integrity"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or written; the message names the directory."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written; the message names the directory or file."""
 
 
 def _abstract(tree: Any) -> Any:

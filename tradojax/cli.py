@@ -56,9 +56,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tradojax.checkpoint import CheckpointError
     from tradojax.config import ConfigError
     from tradojax.data.readers import DataFormatError
-    from tradojax.models.hf import CheckpointError as HFCheckpointError
 
-    return ConfigError, DataFormatError, CheckpointError, HFCheckpointError, FileNotFoundError
+    return ConfigError, DataFormatError, CheckpointError, FileNotFoundError
 
 
 if __name__ == "__main__":

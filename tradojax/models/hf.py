@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors import SafetensorError, safe_open
 
+from tradojax.checkpoint import CheckpointError
 from tradojax.config import ConfigError, ModelConfig, from_dict, to_dict
 from tradojax.models.transformer import DTYPES, Decoder, abstract_model, param_paths
 
@@ -54,10 +55,6 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
     "generation_config.json",
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or file that cannot be read; the message names the file."""
 
 
 class HFCheckpointError(CheckpointError):

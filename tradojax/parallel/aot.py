@@ -348,7 +348,7 @@ def rollout_steps(config: Config, mesh: Mesh, shapes: StepShapes) -> list[Compil
 
 def update_step(config: Config, mesh: Mesh, shapes: StepShapes) -> list[CompiledStep]:
     """One TraceRL policy update with AdamW, exactly as the RL loop builds it."""
-    from tradojax.rl.loop import _policy_loss_fn
+    from tradojax.rl.loop import policy_loss_fn
     from tradojax.training.rows import Rows
     from tradojax.training.step import make_optimizer, make_train_step
 
@@ -364,7 +364,7 @@ def update_step(config: Config, mesh: Mesh, shapes: StepShapes) -> list[Compiled
                                           transform_non_params=lambda _: replicated)
     opt_state = jax.tree.map(lambda leaf, sharding: _abstract(leaf.shape, leaf.dtype, sharding),
                              opt_state, opt_shardings)
-    train_step = make_train_step(graphdef, tx, _policy_loss_fn(config), num_micro)
+    train_step = make_train_step(graphdef, tx, policy_loss_fn(config), num_micro)
 
     r, l0, l1 = shapes.rows, shapes.prompt_length, shapes.response_length
     length = l0 + 2 * l1

@@ -18,6 +18,9 @@ def rl_main(argv: list[str]) -> int:
         parser.error("--config=FILE is required")
     config = load_config(config_path, overrides)
 
+    from tradojax.parallel.distributed import initialize_from_environment
+
+    initialize_from_environment()  # a multi-host job (TPU pod / GPU cluster) joins before any device use
     from tradojax.data.tasks import load_tasks
     from tradojax.data.tokenizer import tokenizer_from_name
     from tradojax.models.loading import load_policy

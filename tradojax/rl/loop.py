@@ -109,7 +109,7 @@ def batch_slices(rows: Rows, batch_size: int):
 # ----------------------------------------------------------------------------------------------
 
 
-def _policy_loss_fn(config: Config):
+def policy_loss_fn(config: Config):
     train, rl = config.train, config.rl
 
     def loss_fn(model, rows: Rows, extra):
@@ -178,7 +178,7 @@ class RLTrainer:
         self.graphdef, self.params = nnx.split(policy)
         self.tx = make_optimizer(config.train)
         self.opt_state = self.tx.init(self.params)
-        self.policy_step = make_train_step(self.graphdef, self.tx, _policy_loss_fn(config),
+        self.policy_step = make_train_step(self.graphdef, self.tx, policy_loss_fn(config),
                                            config.train.num_micro_batches)
         self.ref_params = jax.tree.map(jnp.copy, self.params) if rl.kl_reference == "initial" else None
         if rl.value_model:
@@ -198,7 +198,7 @@ class RLTrainer:
         self._task_prompt = lambda task: list(task_prompt(tokenizer, task, start_with_think=config.data.start_with_think).token_ids)
         self.step = 0
         self.history: list[dict] = []
-        self.checkpointer = TrainCheckpointer(self.workdir / "checkpoints")
+        self.checkpointer = TrainCheckpointer(self.workdir / "checkpoints", log=log)
         self._stop = False
 
     # ------------------------------------------------------------------ state
@@ -217,8 +217,7 @@ class RLTrainer:
     def restore(self) -> bool:
         if self.checkpointer.latest_step() is None:
             return False
-        step, meta = self.checkpointer.restore_meta()
-        trees = self.checkpointer.restore(step, self._trees())
+        step, trees, meta = self.checkpointer.restore_latest_good(self._trees())
         self.params, self.opt_state = trees["policy"], trees["policy_opt"]
         if self.config.rl.value_model:
             self.value_params, self.value_opt_state = trees["value"], trees["value_opt"]
@@ -387,7 +386,7 @@ class RLTrainer:
             self.restore()
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, self._on_sigterm)
-        writer = _MetricWriter(self.workdir)
+        writer = _MetricWriter(self.workdir) if jax.process_index() == 0 else None
         try:
             with RewardPool(num_workers=rl.reward_workers) as pool:
                 while self.step < rl.steps:
@@ -401,16 +400,18 @@ class RLTrainer:
                             metrics[f"eval/{tag}/mean_length"] = result["mean_length"]
                     metrics["step_s"] = time.perf_counter() - start
                     self.history.append(metrics)
-                    writer.write(metrics)
-                    if on_step is not None:
-                        on_step(metrics)
+                    if writer is not None:  # process 0 reports for all hosts
+                        writer.write(metrics)
+                        if on_step is not None:
+                            on_step(metrics)
                     if self.step % rl.save_every == 0 or self.step == rl.steps or self._stop:
                         self.save()
                     if self._stop:
                         raise Preempted(f"SIGTERM: saved step {self.step} to {self.checkpointer.directory}")
         finally:
             signal.signal(signal.SIGTERM, previous)
-            writer.close()
+            if writer is not None:
+                writer.close()
         return self.history
 
     def _on_sigterm(self, signum, frame) -> None:

@@ -89,12 +89,7 @@ def load_tokenizer_for(config: Config) -> tuple[Any, dict[str, int]]:
                               "(or hf_checkpoint, whose directory holds one)")
         name = config.hf_checkpoint
     try:
-        if name == "tiny":
-            tokenizer = tokenizers.build_tiny_tokenizer()
-        elif name == "qwen3":
-            tokenizer = tokenizers.build_trado_tokenizer()
-        else:
-            tokenizer = tokenizers.load_tokenizer(name)
+        tokenizer = tokenizers.tokenizer_from_name(name)
         ids = tokenizers.special_token_ids(tokenizer)
     except tokenizers.TokenizerError as err:
         raise ConfigError(f"tokenizer: {err}") from None
