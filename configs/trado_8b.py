@@ -1,42 +1,14 @@
 """TraDo-8B / SDAR-8B-Chat architecture (spec section 1.1; a Qwen3-8B backbone, untied head).
 
-Weights: set `hf_checkpoint` to a local snapshot of Gen-Verse/TraDo-8B-Instruct (or SDAR-8B-Chat):
-  --config.hf_checkpoint=/path/to/TraDo-8B-Instruct
+Identical to `trado_4b.py` but for the widths. Weights: a local snapshot of Gen-Verse/TraDo-8B-Instruct
+(or SDAR-8B-Chat): --config.hf_checkpoint=/path/to/TraDo-8B-Instruct
 """
 
-import ml_collections
+from trado_4b import get_config as trado_4b
 
 
-def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.experiment = dict(name="trado_8b", workdir="runs/trado_8b", seed=10086)
-    config.model = dict(
-        family="sdar",
-        vocab_size=151936,
-        hidden_size=4096,
-        intermediate_size=12288,
-        num_layers=36,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=32768,
-        tie_word_embeddings=False,
-        block_size=4,
-        mask_token_id=151669,
-        eos_token_id=151643,
-        pad_token_id=151643,
-        # float32 master weights, bfloat16 compute: AdamW steps of lr 1e-6 vanish in bfloat16 weights
-        param_dtype="float32",
-        compute_dtype="bfloat16",
-        remat="full",
-        attention_impl="auto",
-    )
-    # the RL rollout's defaults (spec section 3.11)
-    config.sampling = dict(block_size=4, denoising_steps=4, temperature=1.0, top_k=0, top_p=1.0,
-                           remasking_strategy="low_confidence_dynamic", dynamic_threshold=0.9,
-                           max_new_tokens=2000)
-    config.hf_checkpoint = None
-    config.tokenizer = "qwen3"
+def get_config():
+    config = trado_4b()
+    config.experiment.update(dict(name="trado_8b", workdir="runs/trado_8b"))
+    config.model.update(dict(hidden_size=4096, intermediate_size=12288))
     return config

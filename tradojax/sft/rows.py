@@ -26,7 +26,7 @@ import numpy as np
 
 from tradojax.ops.masks import BlockAlignment
 from tradojax.rl.traces import shrink_steps, trace_rounds
-from tradojax.training.rows import trainable_pads
+from tradojax.training.rows import pad_row_inputs, trainable_pads
 
 Masks = list[tuple[np.ndarray, np.ndarray]]
 
@@ -68,29 +68,9 @@ def pack_full_rows(
     weights: Sequence[float] | None = None,
 ) -> FullRows:
     """Pads and lays out single-stream rows (the arguments mean what they mean in `pack_rows`)."""
-    n = len(prompts)
-    if not (len(responses) == len(noisy) == len(trained) == n):
-        raise ValueError("pack_full_rows: prompts, responses, noisy and trained must have the same length")
-    l0, l1 = prompt_length, response_length
-    prompt_block = np.full((n, l0), pad_id, np.int32)
-    response_block = np.full((n, l1), pad_id, np.int32)
-    prompt_valid = np.zeros((n, l0), bool)
-    for i, (prompt, response) in enumerate(zip(prompts, responses)):
-        if len(prompt) > l0:
-            raise ValueError(f"row {i}: prompt of {len(prompt)} tokens exceeds prompt_length={l0}")
-        if len(response) > l1:
-            raise ValueError(f"row {i}: response of {len(response)} tokens exceeds response_length={l1}")
-        if len(prompt) == 0:
-            raise ValueError(f"row {i}: empty prompt")
-        prompt_block[i, l0 - len(prompt):] = prompt
-        prompt_valid[i, l0 - len(prompt):] = True
-        response_block[i, : len(response)] = response
-    noisy_mask = np.stack([np.asarray(m, bool) for m in noisy])
-    loss_mask = np.stack([np.asarray(m, bool) for m in trained])
-    if noisy_mask.shape != (n, l1) or loss_mask.shape != (n, l1):
-        raise ValueError(f"noisy/trained masks must be [rows, {l1}], got {noisy_mask.shape} / {loss_mask.shape}")
-    if (loss_mask & ~noisy_mask).any():
-        raise ValueError("a trained position must be masked in the noisy input")
+    prompt_block, prompt_valid, response_block, noisy_mask, loss_mask = pad_row_inputs(
+        prompts, responses, noisy, trained, prompt_length, response_length, pad_id)
+    n, l1 = len(prompts), response_length
     tokens = np.concatenate([prompt_block, np.where(noisy_mask, mask_id, response_block)], axis=1).astype(np.int32)
     valid = np.concatenate([prompt_valid, np.ones((n, l1), bool)], axis=1)
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)

@@ -45,6 +45,38 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def pad_row_inputs(prompts, responses, noisy, trained, prompt_length: int, response_length: int, pad_id: int):
+    """Left-pads prompts and right-pads responses; checks the noisy/trained masks.
+
+    Returns (prompt_block [n, L0], prompt_valid [n, L0], response_block [n, L1], noisy [n, L1],
+    trained [n, L1]).
+    """
+    n = len(prompts)
+    if not (len(responses) == len(noisy) == len(trained) == n):
+        raise ValueError("prompts, responses, noisy and trained must have the same length")
+    l0, l1 = prompt_length, response_length
+    prompt_block = np.full((n, l0), pad_id, np.int32)
+    response_block = np.full((n, l1), pad_id, np.int32)
+    prompt_valid = np.zeros((n, l0), bool)
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        if len(prompt) > l0:
+            raise ValueError(f"row {i}: prompt of {len(prompt)} tokens exceeds prompt_length={l0}")
+        if len(response) > l1:
+            raise ValueError(f"row {i}: response of {len(response)} tokens exceeds response_length={l1}")
+        if len(prompt) == 0:
+            raise ValueError(f"row {i}: empty prompt")
+        prompt_block[i, l0 - len(prompt):] = prompt
+        prompt_valid[i, l0 - len(prompt):] = True
+        response_block[i, : len(response)] = response
+    noisy_mask = np.stack([np.asarray(m, bool) for m in noisy])
+    loss_mask = np.stack([np.asarray(m, bool) for m in trained])
+    if noisy_mask.shape != (n, l1) or loss_mask.shape != (n, l1):
+        raise ValueError(f"noisy/trained masks must be [rows, {l1}], got {noisy_mask.shape} / {loss_mask.shape}")
+    if (loss_mask & ~noisy_mask).any():
+        raise ValueError("a trained position must be masked in the noisy copy")
+    return prompt_block, prompt_valid, response_block, noisy_mask, loss_mask
+
+
 def pack_rows(
     prompts: Sequence[np.ndarray],
     responses: Sequence[np.ndarray],
@@ -67,29 +99,9 @@ def pack_rows(
       noisy / trained: bool arrays of length `response_length`: positions replaced by `mask_id`
         in the noisy copy, and positions in the loss.
     """
-    n = len(prompts)
-    if not (len(responses) == len(noisy) == len(trained) == n):
-        raise ValueError("pack_rows: prompts, responses, noisy and trained must have the same length")
-    l0, l1 = prompt_length, response_length
-    prompt_block = np.full((n, l0), pad_id, np.int32)
-    response_block = np.full((n, l1), pad_id, np.int32)
-    prompt_valid = np.zeros((n, l0), bool)
-    for i, (prompt, response) in enumerate(zip(prompts, responses)):
-        if len(prompt) > l0:
-            raise ValueError(f"row {i}: prompt of {len(prompt)} tokens exceeds prompt_length={l0}")
-        if len(response) > l1:
-            raise ValueError(f"row {i}: response of {len(response)} tokens exceeds response_length={l1}")
-        if len(prompt) == 0:
-            raise ValueError(f"row {i}: empty prompt")
-        prompt_block[i, l0 - len(prompt):] = prompt
-        prompt_valid[i, l0 - len(prompt):] = True
-        response_block[i, : len(response)] = response
-    noisy_mask = np.stack([np.asarray(m, bool) for m in noisy])
-    loss_mask = np.stack([np.asarray(m, bool) for m in trained])
-    if noisy_mask.shape != (n, l1) or loss_mask.shape != (n, l1):
-        raise ValueError(f"noisy/trained masks must be [rows, {l1}], got {noisy_mask.shape} / {loss_mask.shape}")
-    if (loss_mask & ~noisy_mask).any():
-        raise ValueError("a trained position must be masked in the noisy copy")
+    prompt_block, prompt_valid, response_block, noisy_mask, loss_mask = pad_row_inputs(
+        prompts, responses, noisy, trained, prompt_length, response_length, pad_id)
+    n, l1 = len(prompts), response_length
     noisy_copy = np.where(noisy_mask, mask_id, response_block)
     tokens = np.concatenate([prompt_block, response_block, noisy_copy], axis=1).astype(np.int32)
     block, kind, valid, positions = training_segments(prompt_valid, l1, block_size, alignment)
