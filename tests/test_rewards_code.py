@@ -19,6 +19,7 @@ import pytest
 from tradojax.rewards import RewardPool, SandboxLimits, extract_program, parse_code_task, score_code
 from tradojax.rewards import sandbox
 from tradojax.rewards.sandbox import list_sandbox_processes, probe_isolation
+from proc_tree import descendants
 
 # A uid range of our own, so that leftover checks ignore concurrent test processes (xdist).
 UID_BASE = 0x40000000 + (os.getpid() % 128) * (1 << 22)
@@ -48,27 +49,6 @@ def fenced(program: str) -> str:
 
 GOOD_STDIO = (stdio_item(["2 3\n", "10 -4\n"], ["5", "6"]),
               fenced("a, b = map(int, input().split())\nprint(a + b)"))
-
-
-def descendants(root: int) -> set[int]:
-    """Live descendants of `root`, from /proc (no psutil needed)."""
-    parent_of: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] not in (b"Z", b"X"):
-            parent_of[int(name)] = int(fields[1])
-    found: set[int] = set()
-    frontier = {root}
-    while frontier:
-        frontier = {pid for pid, parent in parent_of.items() if parent in frontier} - found
-        found |= frontier
-    return found
 
 
 def assert_nothing_left(pool: RewardPool) -> None:

@@ -23,31 +23,21 @@ AXES = ("data", "fsdp", "tensor")
 # logical axis -> mesh axes, per role. Training shards parameters over fsdp (ZeRO-3 style) and
 # tensor; rollout keeps parameters whole across data/fsdp (they are read every step) and splits
 # them over tensor only.
+_TRAIN_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "layers": (),
+    "head_dim": (),
+    "norm": (),
+    "length": (),
+}
 RULES: dict[str, dict[str, tuple[str, ...]]] = {
-    "train": {
-        "batch": ("data", "fsdp"),
-        "vocab": ("tensor",),
-        "embed": ("fsdp",),
-        "heads": ("tensor",),
-        "kv_heads": ("tensor",),
-        "mlp": ("tensor",),
-        "layers": (),
-        "head_dim": (),
-        "norm": (),
-        "length": (),
-    },
-    "rollout": {
-        "batch": ("data", "fsdp"),
-        "vocab": ("tensor",),
-        "embed": (),
-        "heads": ("tensor",),
-        "kv_heads": ("tensor",),
-        "mlp": ("tensor",),
-        "layers": (),
-        "head_dim": (),
-        "norm": (),
-        "length": (),
-    },
+    "train": _TRAIN_RULES,
+    "rollout": {**_TRAIN_RULES, "embed": ()},
 }
 
 
