@@ -54,11 +54,12 @@ def evaluate(
     progress: bool = False,
 ) -> list[EvalResult]:
     """Runs the config's eval sweep over `tasks` with `model` (or `params` on its graph)."""
+    from tradojax.data.tasks import task_kind
     from tradojax.data.templates import task_prompt
     from tradojax.rewards import score_responses
     from tradojax.sampling.block_diffusion import BlockDiffusionSampler
 
-    kind = "code" if tasks and isinstance(tasks[0], CodeTask) else "math"
+    kind = task_kind(tasks)
     if config.eval.num_tasks:
         tasks = list(tasks)[: config.eval.num_tasks]
     prompts = [list(task_prompt(tokenizer, t, start_with_think=config.data.start_with_think).token_ids) for t in tasks]

@@ -26,3 +26,8 @@ def load_tasks(config: DataConfig, split: Split) -> list[MathTask] | list[CodeTa
 
         return load_humaneval()
     return read_records(source, config.kind)
+
+
+def task_kind(tasks) -> Literal["math", "code"]:
+    """The reward kind of a task list: "code" for CodeTasks, else "math"."""
+    return "code" if tasks and isinstance(tasks[0], CodeTask) else "math"

@@ -25,9 +25,10 @@ from flax import nnx
 
 from tradojax.checkpoint import TrainCheckpointer
 from tradojax.config import Config, to_dict
+from tradojax.data.tasks import task_kind
 from tradojax.models.transformer import Decoder
 from tradojax.models.value import ValueModel, value_model_from_policy
-from tradojax.ops.masks import BlockAlignment, MaskRule
+from tradojax.ops.masks import BlockAlignment
 from tradojax.rl.advantages import difficulty_filter, group_zscore, outcome_token_rewards, trace_gae
 from tradojax.rl.losses import policy_loss, value_loss
 from tradojax.rl.methods import row_builder
@@ -58,17 +59,16 @@ def build_step_rows(
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
     traces: Sequence[np.ndarray],
-    keep: np.ndarray,
     prompt_length: int,
     rng: np.random.Generator,
 ) -> StepRows | None:
-    """Rows for every kept response, padded to a multiple of `train.batch_size` rows."""
+    """Rows for every response, padded to a multiple of `train.batch_size` rows."""
     train, rl = config.train, config.rl
     builder = row_builder(rl.method)
     alignment = BlockAlignment(train.block_alignment)
     response_length = config.sampling.max_new_tokens
     prompt_ids, response_ids, noisy, trained, origin, rounds = [], [], [], [], [], []
-    for r in np.flatnonzero(keep):
+    for r in range(len(responses)):
         made = builder(np.asarray(traces[r]), len(responses[r]), response_length=response_length,
                        prompt_length=len(prompts[r]), block_size=train.block_size, shrink=rl.shrink,
                        post_num=train.post_num, alignment=alignment, lower_p=train.lower_p,
@@ -99,9 +99,11 @@ def build_step_rows(
     return StepRows(rows=rows, response=np.asarray(origin), rounds=rounds, num_real=num_real)
 
 
-def batch_slices(rows: Rows, batch_size: int):
-    for start in range(0, len(rows), batch_size):
-        yield jax.tree.map(lambda x: x[start:start + batch_size], rows)
+def batch_slices(tree, batch_size: int):
+    """Consecutive `batch_size`-row slices of every leaf of `tree` (rows, or (rows, extras))."""
+    length = jax.tree.leaves(tree)[0].shape[0]
+    for start in range(0, length, batch_size):
+        yield jax.tree.map(lambda x: x[start:start + batch_size], tree)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ class RLTrainer:
         self.mesh = mesh
         self.log = log
         rl = config.rl
-        self.kind = "code" if self.train_tasks and not hasattr(self.train_tasks[0], "ground_truth_answer") else "math"
+        self.kind = task_kind(self.train_tasks)
         self.sampling = dataclasses.replace(config.sampling, num_samples=rl.num_responses_per_task)
         self.sampler = BlockDiffusionSampler(policy, self.sampling, mesh=mesh)
         self.graphdef, self.params = nnx.split(policy)
@@ -255,8 +257,7 @@ class RLTrainer:
         traces = [rollout.trace[r, : rollout.lengths[r]] for r in range(len(responses))]
         row_rng = np.random.default_rng([config.experiment.seed, self.step, 0x5EED])
         prompt_length = prompt_bucket(max(len(p) for p in prompts), self.sampling.prompt_buckets)
-        all_rows = build_step_rows(config, rollout_prompts, responses, traces, np.ones(len(responses), bool),
-                                   prompt_length, row_rng)
+        all_rows = build_step_rows(config, rollout_prompts, responses, traces, prompt_length, row_rng)
         old_logp_all = _chunked(_logprobs, self.graphdef, self.params, all_rows.rows, config.train.batch_size)
         results = batch.result()
         timings["reward_s"] = time.perf_counter() - clock
@@ -308,14 +309,11 @@ class RLTrainer:
         ref_logp = (_chunked(_logprobs, self.graphdef, self.ref_params, step_rows.rows, config.train.batch_size)
                     if self.ref_params is not None else None)
         update_metrics = []
-        bs = config.train.batch_size
+        extras = {"old_logp": old_logp, "advantages": row_advantages}
+        if ref_logp is not None:
+            extras["ref_logp"] = ref_logp
         for _ in range(rl.epochs_per_step):
-            for start in range(0, len(step_rows.rows), bs):
-                part = slice(start, start + bs)
-                rows = jax.tree.map(lambda x: x[part], step_rows.rows)
-                extra = {"old_logp": old_logp[part], "advantages": row_advantages[part]}
-                if ref_logp is not None:
-                    extra["ref_logp"] = ref_logp[part]
+            for rows, extra in batch_slices((step_rows.rows, extras), config.train.batch_size):
                 self.params, self.opt_state, m = self.policy_step(self.params, self.opt_state, rows, extra)
                 update_metrics.append(m)
         for name in ("kl", "clip_fraction", "ratio_mean", "pg_loss", "grad_norm"):
@@ -351,11 +349,8 @@ class RLTrainer:
         metrics = {}
         if self.step % rl.train_value_every == 0:
             losses = []
-            bs = config.train.batch_size
-            for start in range(0, len(rows), bs):
-                part = slice(start, start + bs)
-                chunk = jax.tree.map(lambda x: x[part], rows)
-                extra = {"old_values": jnp.asarray(old_values[part]), "returns": jnp.asarray(returns[part])}
+            extras = {"old_values": jnp.asarray(old_values), "returns": jnp.asarray(returns)}
+            for chunk, extra in batch_slices((rows, extras), config.train.batch_size):
                 self.value_params, self.value_opt_state, m = self.value_step(
                     self.value_params, self.value_opt_state, chunk, extra)
                 losses.append(float(m["value_loss"]))
