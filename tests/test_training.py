@@ -123,3 +123,28 @@ def test_block_sft_lowers_held_out_loss():
         params, opt_state, metrics = step(params, opt_state, batch(int(rng.integers(1 << 30)), 32))
     after = float(sft_loss(nnx.merge(graphdef, params), held_out, None)[0])
     assert after < 0.5 * before, (before, after)
+
+
+def test_within_step_cosine_learning_rates_by_hand():
+    from tradojax.training.step import within_step_cosine
+
+    # horizon = updates + 1: cos(pi * u / 3) = 1, 0.5 -> rates 1, 0.75
+    np.testing.assert_allclose(within_step_cosine(1.0, 2), [1.0, 0.75], rtol=1e-12)
+    np.testing.assert_allclose(within_step_cosine(2e-6, 3), 2e-6 * np.array([1.0, (1 + np.sqrt(0.5)) / 2, 0.5]),
+                               rtol=1e-12)
+
+
+def test_host_learning_rate_sets_the_size_of_each_update():
+    """Adam's first update moves every parameter by lr * g/|g| (+eps): setting the rate in the state
+    before an update scales exactly that step."""
+    from tradojax.training.step import with_learning_rate
+
+    train = TrainConfig(learning_rate=1.0, max_grad_norm=0.0, eps=1e-12)
+    tx = make_optimizer(train, host_learning_rate=True)
+    params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(5,)), jnp.float32)}
+    grads = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(5,)), jnp.float32)}
+    for rate in (0.3, 0.05):
+        state = with_learning_rate(tx.init(params), rate)
+        updates, state = tx.update(grads, state, params)
+        np.testing.assert_allclose(np.asarray(updates["w"]), -rate * np.sign(np.asarray(grads["w"])), rtol=1e-5)
+    assert float(state[-1].hyperparams["learning_rate"]) == pytest.approx(0.05)

@@ -84,8 +84,16 @@ def tree_fingerprints(tree: Any) -> dict[str, int]:
     """{leaf path: uint32 fingerprint} of every array in `tree` (sharded arrays stay on device)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     paths = [jax.tree_util.keystr(path) for path, _ in flat]
-    values = jax.device_get(_fingerprints([jnp.asarray(leaf) for _, leaf in flat]))
-    return {path: int(value) for path, value in zip(paths, values)}
+    leaves = [jnp.asarray(leaf) for _, leaf in flat]
+    # one compiled call per placement: a jitted computation takes arrays from one set of devices
+    by_devices: dict[frozenset, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        by_devices.setdefault(frozenset(leaf.sharding.device_set), []).append(i)
+    values = [0] * len(leaves)
+    for indices in by_devices.values():
+        for i, value in zip(indices, jax.device_get(_fingerprints([leaves[i] for i in indices]))):
+            values[i] = int(value)
+    return dict(zip(paths, values))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,19 +32,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from tradojax.checkpoint import CheckpointError, TrainCheckpointer
 from tradojax.config import Config, TrainConfig, to_dict
+from tradojax.metrics import MetricWriter
 from tradojax.models.transformer import Decoder
 from tradojax.ops.masks import BlockAlignment
 from tradojax.rl.traces import trace_rounds
+from tradojax.parallel.sharding import place_state, shard_batch, shard_params
 from tradojax.sft.batches import BatchPlan, PlannedBatch, assign_buckets
 from tradojax.sft.config import SFTConfig
 from tradojax.sft.losses import full_sft_loss
 from tradojax.sft.rows import FullRows, full_trace_masks, pack_full_rows, random_masking_masks, semi_ar_masks
 from tradojax.training.rows import Rows, block_sft_masks, pack_rows, round_up
-from tradojax.training.step import make_optimizer, make_schedule, make_train_step, sft_loss
+from tradojax.training.step import make_optimizer, make_schedule, make_train_step, pin_layouts, sft_loss
 
 _MASK_SALT = 0x5F7  # keeps SFT mask streams apart from other seeded streams
 _HELD_OUT_SEED = 0  # held-out masks are fixed: the held-out loss is comparable across steps
@@ -245,17 +247,15 @@ class SFTTrainer:
         self.graphdef, params = nnx.split(policy)
         self.loss_fn = _LOSSES[train.loss_normalization if self.family == "sdar" else "full"]
         if mesh is not None:
-            from tradojax.parallel.sharding import shard_params
-
             params = shard_params(params, mesh, "train")
-        else:  # committed, like restored arrays: a resumed run reuses the compiled update
-            params = jax.device_put(params, jax.sharding.SingleDeviceSharding(_first_device(params)))
+        else:
+            params = place_state(params, None, _first_device(params))
         self.params = params
         self.tx, self.step_fn = _train_step(self.graphdef, train, self.loss_fn)
         self.schedule = make_schedule(train)
         self.opt_state = self._on_mesh(self.tx.init(self.params))
         if mesh is not None:
-            self.step_fn = _pinned_step(self.step_fn, self.params, self.opt_state, mesh)
+            self.step_fn = pin_layouts(self.step_fn, self.params, self.opt_state, mesh)
         self.step = 0
         self.history: list[dict] = []
         self.checkpointer = TrainCheckpointer(self.workdir / "checkpoints")
@@ -304,27 +304,11 @@ class SFTTrainer:
     # ------------------------------------------------------------------ placement
 
     def _on_mesh(self, tree: Any) -> Any:
-        """Leaves not already laid out on the mesh (e.g. the optimizer's step count) are replicated;
-        without a mesh, everything is committed to the parameters' device."""
-        if self.mesh is None:
-            return jax.device_put(tree, jax.sharding.SingleDeviceSharding(_first_device(self.params)))
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-
-        def place(x):
-            sharding = getattr(x, "sharding", None)
-            if isinstance(sharding, NamedSharding) and sharding.mesh == self.mesh:
-                return x
-            return jax.device_put(x, replicated)
-
-        return jax.tree.map(place, tree)
+        return place_state(tree, self.mesh, _first_device(self.params))
 
     def place_rows(self, rows: Rows | FullRows) -> Rows | FullRows:
         """Device rows: the batch axis sharded over the mesh's data axes (or one device)."""
-        if self.mesh is None:
-            return jax.tree.map(jnp.asarray, rows)
-        from tradojax.parallel.mesh import batch_sharding
-
-        return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, np.ndim(x))), rows)
+        return jax.tree.map(jnp.asarray, rows) if self.mesh is None else shard_batch(rows, self.mesh)
 
     # ------------------------------------------------------------------ steps and evals
 
@@ -424,9 +408,6 @@ class SFTTrainer:
         trees = self.checkpointer.restore(step, {"policy": self.params, "policy_opt": self.opt_state})
         self.params, self.opt_state = trees["policy"], self._on_mesh(trees["policy_opt"])
         self.step, self.history = int(meta["step"]), list(meta["history"])
-        # Metrics written after the checkpoint (a run killed before its next save) are replaced.
-        with open(self.workdir / "sft_metrics.jsonl", "w") as metrics_file:
-            metrics_file.writelines(json.dumps(record) + "\n" for record in self.history)
         self.log(f"resumed SFT from {self.checkpointer.directory}/{step} (step {self.step})")
         return True
 
@@ -445,7 +426,8 @@ class SFTTrainer:
         sampling_evals = eval_every and self.eval_tasks and self.tokenizer is not None and self.family == "sdar"
         with contextlib.ExitStack() as stack:
             stack.enter_context(self._sigterm_handler())
-            writer = stack.enter_context(_MetricWriter(self.workdir))
+            writer = stack.enter_context(MetricWriter(self.workdir, "sft_metrics.jsonl", history=self.history,
+                                                      tb_prefix="sft/"))
             pool = None
             if sampling_evals:
                 from tradojax.rewards import RewardPool
@@ -482,37 +464,6 @@ class SFTTrainer:
             signal.signal(signal.SIGTERM, previous)
 
 
-class _MetricWriter:
-    """sft_metrics.jsonl (and TensorBoard event files when tensorboardX is installed) in the workdir."""
-
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.tb = None
-
-    def __enter__(self):
-        self.jsonl = open(self.workdir / "sft_metrics.jsonl", "a")
-        try:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.workdir / "tensorboard"))
-        except ImportError:
-            self.tb = None
-        return self
-
-    def write(self, record: dict) -> None:
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        if self.tb is not None:
-            for name, value in record.items():
-                if isinstance(value, (int, float)) and name != "step":
-                    self.tb.add_scalar(f"sft/{name}" if "/" not in name else name, value, record["step"])
-
-    def __exit__(self, *exc) -> None:
-        self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
 def _first_device(tree: Any) -> jax.Device:
     leaf = jax.tree.leaves(tree)[0]
     return next(iter(leaf.devices())) if hasattr(leaf, "devices") else jax.devices()[0]
@@ -539,23 +490,6 @@ def _train_step(graphdef: nnx.GraphDef, train: TrainConfig, loss_fn: Callable):
         tx = make_optimizer(train)
         _STEPS[key] = (tx, make_train_step(graphdef, tx, loss_fn, train.num_micro_batches))
     return _STEPS[key]
-
-
-_PINNED: dict[tuple, Callable] = {}
-
-
-def _pinned_step(step_fn: Callable, params: Any, opt_state: Any, mesh: Mesh) -> Callable:
-    """The update with its outputs pinned to the inputs' layouts: left to propagation, XLA moves
-    some parameters (e.g. norm scales) onto other mesh axes after the first step."""
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
-    key = (step_fn, mesh, jax.tree.structure(params), tuple(jax.tree.leaves(param_shardings)),
-           tuple(jax.tree.leaves(opt_shardings)))
-    if key not in _PINNED:
-        replicated = NamedSharding(mesh, PartitionSpec())
-        _PINNED[key] = jax.jit(step_fn, out_shardings=(param_shardings, opt_shardings, replicated),
-                               donate_argnums=(0, 1))
-    return _PINNED[key]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn"))

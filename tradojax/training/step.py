@@ -13,8 +13,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tradojax.config import TrainConfig
 from tradojax.ops.masks import MaskRule
@@ -68,16 +70,41 @@ def make_schedule(config: TrainConfig) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [config.warmup_steps])
 
 
-def make_optimizer(config: TrainConfig, learning_rate: float | None = None) -> optax.GradientTransformation:
-    """AdamW with the schedule and global-norm clipping; moments are kept in float32."""
+def make_optimizer(config: TrainConfig, learning_rate: float | None = None, *,
+                   host_learning_rate: bool = False) -> optax.GradientTransformation:
+    """AdamW with the schedule and global-norm clipping; moments are kept in float32.
+
+    With `host_learning_rate` there is no schedule: the learning rate is a value in the optimizer
+    state that the caller sets before each update (`with_learning_rate`), without recompiling.
+    """
     if learning_rate is not None:
         config = dataclasses.replace(config, learning_rate=learning_rate)
     parts = []
     if config.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(config.max_grad_norm))
-    parts.append(optax.adamw(make_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
-                             weight_decay=config.weight_decay, mu_dtype=jnp.float32))
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mu_dtype",)) if host_learning_rate else optax.adamw
+    parts.append(adamw(config.learning_rate if host_learning_rate else make_schedule(config), b1=config.b1,
+                       b2=config.b2, eps=config.eps, weight_decay=config.weight_decay, mu_dtype=jnp.float32))
     return optax.chain(*parts)
+
+
+def with_learning_rate(opt_state: tuple, value: float) -> tuple:
+    """The state of a `make_optimizer(..., host_learning_rate=True)` optimizer, learning rate set to `value`."""
+    def set_rate(state):
+        if not isinstance(state, optax.InjectStatefulHyperparamsState):
+            return state
+        rate = state.hyperparams["learning_rate"]
+        return state._replace(hyperparams={**state.hyperparams,
+                                           "learning_rate": jnp.asarray(value, rate.dtype)})
+
+    return tuple(set_rate(state) for state in opt_state)
+
+
+def within_step_cosine(peak: float, num_updates: int) -> np.ndarray:
+    """The original's per-RL-step learning rates (spec 3.6): a half-cosine from `peak` towards 0
+    over a horizon of `num_updates + 1` (update u uses peak * (1 + cos(pi u / horizon)) / 2)."""
+    horizon = num_updates + 1
+    return peak * 0.5 * (1 + np.cos(np.pi * np.arange(num_updates) / horizon))
 
 
 def split_micro_batches(tree: Any, num_micro: int) -> Any:
@@ -132,3 +159,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
         return params, opt_state, metrics
 
     return step
+
+
+_PINNED: dict[tuple, Callable] = {}
+
+
+def pin_layouts(step_fn: Callable, params: Any, opt_state: Any, mesh: Mesh) -> Callable:
+    """`step_fn` (a `make_train_step` update) with its outputs pinned to the inputs' layouts on
+    `mesh`: left to propagation, XLA moves some parameters (e.g. norm scales) onto other mesh axes
+    after the first step. Cached, so trainers with the same layouts share one compiled update."""
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+    key = (step_fn, mesh, jax.tree.structure(params), tuple(jax.tree.leaves(param_shardings)),
+           jax.tree.structure(opt_state), tuple(jax.tree.leaves(opt_shardings)))
+    if key not in _PINNED:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        _PINNED[key] = jax.jit(step_fn, out_shardings=(param_shardings, opt_shardings, replicated),
+                               donate_argnums=(0, 1))
+    return _PINNED[key]
