@@ -20,7 +20,7 @@ def get_config():
         batch_size=256,  # rows per update: batch_size_lm 1 x 8 GPUs x GAS 32 in the original
         micro_batch_size=8,
         learning_rate=1e-6,
-        schedule="constant",  # the original decays to 0 inside every step (bug 10.3); see reset_optimizer_each_step
+        schedule="constant",  # the original decays to 0 inside every step (bug 10.3): rl.optimizer_per_step="reset_cosine"
         weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=1.0,
         block_size=4, block_alignment="inference", post_num=0,
         max_prompt_len=784, max_response_len=2000, loss_normalization="padded_length",

@@ -21,6 +21,7 @@ def test_unknown_command(capsys):
     (["rl", "--config=configs/tiny.py", "--config.rl.method=grpo"], "rl.method"),
     (["rl", "--config=configs/tiny.py", "--config.rl.clip_eps=2"], "rl.clip_eps"),
     (["demo", "--config.train.stpes=3"], "train.stpes"),
+    (["rl", "--config=configs/rl_tiny.py", "--config.warm_start.steps=0"], "warm_start.steps: must be >= 1"),
     (["eval", "--config=configs/tiny.py", "--config.eval.top_k=[0]"], "eval.top_k"),
     (["sample", "--config=configs/tiny.py", "--config.sampling.denoising_steps=9", "--prompt", "hi"],
      "sampling.denoising_steps"),

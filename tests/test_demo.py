@@ -7,7 +7,7 @@ from tradojax import cli
 
 def test_demo_writes_every_artefact(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = cli.main(["demo", "--out", str(out), "--config.train.steps=3", "--config.rl.steps=1",
+    code = cli.main(["demo", "--out", str(out), "--config.warm_start.steps=3", "--config.rl.steps=1",
                      "--config.data.synthetic_train_size=64", "--config.data.synthetic_eval_size=4",
                      "--config.rl.num_tasks_per_step=2", "--config.rl.num_responses_per_task=2",
                      "--config.eval.num_samples=1", "--config.rl.eval_every=1"])

@@ -151,6 +151,64 @@ def test_two_processes_match_one_process_update(tmp_path):
     assert moved > 1e-3  # the update is far larger than the tolerance: a skipped step would fail
 
 
+RL_ARGS = ["rl", "--config", "configs/tiny.py", "--config.rl.steps=2", "--config.rl.num_tasks_per_step=2",
+           "--config.rl.num_responses_per_task=4", "--config.train.batch_size=8", "--config.train.learning_rate=1e-3",
+           "--config.train.schedule=constant", "--config.train.eps=1e-3", "--config.sampling.max_new_tokens=8",
+           "--config.rl.difficulty_lower=0.0", "--config.rl.difficulty_upper=1.0", "--config.rl.reward_workers=1",
+           "--config.data.synthetic_train_size=40", "--config.data.synthetic_eval_size=2", "--config.rl.eval_every=100",
+           "--config.rl.save_every=1", "--config.mesh.data=2", "--config.mesh.fsdp=2"]
+CLI = "import sys; from tradojax.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def run_processes(commands: list[list[str]], envs: list[dict]) -> list[str]:
+    procs = [subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for command, env in zip(commands, envs)]
+    deadline = time.monotonic() + 2 * TIMEOUT_S
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        logs = [p.communicate()[0][-3000:] for p in procs]
+        pytest.fail(f"the processes did not finish within {2 * TIMEOUT_S} s:\n" + "\n----\n".join(logs))
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} failed:\n{outputs[i][-5000:]}"
+    return outputs
+
+
+def test_two_process_rl_run_matches_one_process(tmp_path):
+    """`tradojax rl` as two processes (2 CPU devices each, joined through the JAX_* environment) on a
+    (data 2, fsdp 2) mesh: the same rollouts, rewards and updates as one process with 4 devices."""
+    import json
+
+    base = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TRADOJAX_DISTRIBUTED"):
+        base.pop(name, None)
+    port = free_port()
+    two = [dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(NUM_PROCESSES), JAX_PROCESS_ID=str(i))
+           for i in range(NUM_PROCESSES)]
+    one = dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_PROCESSES * DEVICES_PER_PROCESS}")
+    commands = [[sys.executable, "-c", CLI, *RL_ARGS, "--workdir", str(tmp_path / "two")]] * NUM_PROCESSES
+    commands.append([sys.executable, "-c", CLI, *RL_ARGS, "--workdir", str(tmp_path / "one")])
+    run_processes(commands, two + [one])
+
+    def metrics(name):
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    distributed, single = metrics("two"), metrics("one")
+    assert [m["step"] for m in distributed] == [1, 2] == [m["step"] for m in single]
+    for a, b in zip(distributed, single):
+        for key in ("reward", "response_length", "tokens_per_step", "rows", "updates"):
+            assert a[key] == b[key], key
+        for key in ("kl", "clip_fraction", "grad_norm", "pg_loss", "sampler_trainer_logp_gap"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    assert distributed[0]["updates"] > 0
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+
+
 def test_initialize_rejects_partial_or_malformed_settings(monkeypatch):
     from tradojax.parallel import distributed
 

@@ -27,9 +27,9 @@ def tokenizer():
     return tokenizer_from_name("tiny")
 
 
-def make_trainer(tmp_path, tokenizer, extra=(), name="run"):
+def make_trainer(tmp_path, tokenizer, extra=(), name="run", mesh=None):
     config = load_config("configs/tiny.py", OVERRIDES + list(extra))
-    return RLTrainer(config, load_policy(config), tokenizer, workdir=tmp_path / name,
+    return RLTrainer(config, load_policy(config), tokenizer, workdir=tmp_path / name, mesh=mesh,
                      train_tasks=load_tasks(config.data, "train"), eval_tasks=load_tasks(config.data, "eval"))
 
 
@@ -76,3 +76,91 @@ def test_trainer_recomputes_the_samplers_log_probs(tmp_path, tokenizer):
     trainer = make_trainer(tmp_path, tokenizer, ["rl.steps=1"])
     (metrics,) = trainer.run()
     assert metrics["sampler_trainer_logp_gap"] < 0.05, metrics["sampler_trainer_logp_gap"]
+
+
+def test_rl_tiny_warm_starts_then_resumes_without_redoing_sft(tmp_path, capsys):
+    """`tradojax rl --config configs/rl_tiny.py` (reduced): SFT warm start, RL, then --resume continues
+    RL from its checkpoint and does not train the warm start again."""
+    from tradojax import cli
+
+    small = ["--config.warm_start.steps=4", "--config.warm_start.batch_size=8", "--config.train.batch_size=8",
+             "--config.rl.num_tasks_per_step=2", "--config.rl.num_responses_per_task=2",
+             "--config.data.synthetic_train_size=32", "--config.data.synthetic_eval_size=2",
+             "--config.eval.num_samples=1", "--config.sampling.max_new_tokens=8"]
+    workdir = tmp_path / "rl_tiny"
+    args = ["rl", "--config", "configs/rl_tiny.py", "--workdir", str(workdir), *small]
+    assert cli.main(args + ["--config.rl.steps=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "warm start: 4 SFT steps" in printed and "sft step    1" in printed
+    sft_steps = [json.loads(line)["step"] for line in (workdir / "warm_start" / "sft_metrics.jsonl").read_text().splitlines()]
+    assert sft_steps == [1, 2, 3, 4]
+    rl_steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert rl_steps == [1, 2]
+
+    # a step logged after the last checkpoint (a run killed before its save) is redone, not listed twice
+    with open(workdir / "metrics.jsonl", "a") as metrics_file:
+        metrics_file.write(json.dumps({"step": 3, "lost": True}) + "\n")
+    assert cli.main(args + ["--config.rl.steps=3", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed SFT" in printed and "sft step" not in printed.replace("resumed SFT", "")
+    assert "resumed from" in printed
+    assert len((workdir / "warm_start" / "sft_metrics.jsonl").read_text().splitlines()) == 4
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and not any("lost" in r for r in records)
+
+
+def test_warm_start_needs_worked_solutions():
+    from tradojax.config import ConfigError
+    from tradojax.data.readers import MathTask
+    from tradojax.sft.warm_start import warm_start_pairs
+
+    with pytest.raises(ConfigError, match="warm_start: needs tasks with worked solutions"):
+        warm_start_pairs(tokenizer_from_name("tiny"), [MathTask(question="1+1?", ground_truth_answer="2")])
+
+
+def test_sharded_rl_steps_equal_unsharded(tmp_path, tokenizer):
+    """Two TraceRL steps with the value model on a (data 4, fsdp 2) mesh of the 8 CPU devices: the
+    same rollouts, rewards and updates as on one device; resuming on the mesh continues the run."""
+    from jax.sharding import NamedSharding
+
+    from tradojax.config import MeshConfig
+    from tradojax.parallel.mesh import make_mesh
+
+    extra = ["rl.steps=2", "rl.value_model=True", "rl.value_learning_rate=1e-3"]
+    single = make_trainer(tmp_path, tokenizer, extra, "single")
+    single_history = single.run()
+    mesh = make_mesh(MeshConfig(data=4, fsdp=2))
+    sharded = make_trainer(tmp_path, tokenizer, extra, "sharded", mesh=mesh)
+    sharded_history = sharded.run()
+    for a, b in zip(single_history, sharded_history):
+        for key in ("reward", "response_length", "tokens_per_step", "rows"):
+            assert a[key] == b[key], key
+        for key in ("kl", "clip_fraction", "grad_norm", "value_loss"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    for a, b in zip(leaves(single.params) + leaves(single.value_params),
+                    leaves(sharded.params) + leaves(sharded.value_params)):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+    # the parameters and optimizer state live on the mesh, FSDP-split (not replicated copies)
+    embed = jax.tree.leaves(sharded.params["embed_tokens"])[0]
+    assert isinstance(embed.sharding, NamedSharding) and not embed.sharding.is_fully_replicated
+    assert all(x.sharding.mesh == mesh for x in jax.tree.leaves(sharded.opt_state))
+    resumed = make_trainer(tmp_path, tokenizer, ["rl.steps=3", *extra[1:]], "sharded", mesh=mesh)
+    assert resumed.restore() and resumed.step == 2
+    for a, b in zip(leaves(sharded.params), leaves(resumed.params)):
+        np.testing.assert_array_equal(a, b)
+    resumed.run(resume=True)
+    assert resumed.step == 3
+
+
+def test_reset_cosine_reproduces_the_originals_per_step_learning_rates(tmp_path, tokenizer):
+    from tradojax.training.step import within_step_cosine
+
+    trainer = make_trainer(tmp_path, tokenizer, ["rl.steps=1", "rl.optimizer_per_step=reset_cosine",
+                                                 "train.batch_size=4", "rl.epochs_per_step=2"])
+    (metrics,) = trainer.run()
+    updates = metrics["updates"]
+    assert updates == 2 * -(-metrics["rows"] // 4) and updates >= 2
+    expected = within_step_cosine(1e-3, updates)
+    assert metrics["learning_rate"] == pytest.approx(expected.mean(), rel=1e-6)
+    # the optimizer state ends at the last update's rate, with a fresh count (one step's updates)
+    assert float(trainer.opt_state[-1].hyperparams["learning_rate"]) == pytest.approx(expected[-1], rel=1e-6)

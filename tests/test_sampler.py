@@ -469,3 +469,33 @@ def test_generate_function_is_the_sampler(greedy_runs):
     np.testing.assert_array_equal(rollout.tokens, cached.tokens)
     assert rollout.responses()[0] == cached.tokens[0, : cached.lengths[0]].tolist()
     assert rollout.num_generated == int(cached.lengths.sum())
+
+
+def test_rollout_params_halve_the_streamed_bytes_and_keep_rollouts_bit_identical():
+    """f32 master weights with bf16 compute: the sampler streams bf16 copies of the weights the
+    model casts at use (so its rollouts are the ones the f32 weights give) and leaves the rest."""
+    config = ModelConfig(param_dtype="float32", compute_dtype="bfloat16")
+    model = init_model(config, seed=3)
+    graphdef, params = nnx.split(model)
+    streamed = bd.rollout_params(params, config)
+    dtypes = {jax.tree_util.keystr(path): leaf.dtype for path, leaf in jax.tree_util.tree_leaves_with_path(streamed)}
+    assert all(dtype == jnp.bfloat16 for path, dtype in dtypes.items() if "norm" not in path or "layers" in path), dtypes
+    assert [dtype for path, dtype in dtypes.items() if "layers" not in path and "norm" in path] == [jnp.float32]
+    f32_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+    assert sum(leaf.nbytes for leaf in jax.tree.leaves(streamed)) < 0.51 * f32_bytes
+
+    sampling = SamplingConfig(max_new_tokens=12, num_samples=2, prompt_buckets=(16,))
+    prompts = [[5, 9, 14, 22, 7], [11, 4]]
+    from_f32 = bd.BlockDiffusionSampler(model, sampling).generate(prompts, rng=1).to_numpy()
+    # the same rollout when the sampler is handed weights that are already bf16
+    bf16_model = nnx.merge(graphdef, streamed)
+    from_bf16 = bd.BlockDiffusionSampler(bf16_model, sampling).generate(prompts, rng=1).to_numpy()
+    np.testing.assert_array_equal(from_f32.tokens, from_bf16.tokens)
+    np.testing.assert_array_equal(from_f32.trace, from_bf16.trace)
+    np.testing.assert_array_equal(from_f32.logprobs, from_bf16.logprobs)
+    # and the model's own forward agrees bit for bit
+    tokens = jnp.asarray(np.random.default_rng(0).integers(4, config.vocab_size, (2, 16)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))
+    segments = inference_segments(positions, positions < 16, 4)
+    np.testing.assert_array_equal(np.asarray(model(tokens, positions, segments)),
+                                  np.asarray(bf16_model(tokens, positions, segments)))

@@ -261,7 +261,10 @@ class RLConfig:
     difficulty_lower: float = 0.2
     difficulty_upper: float = 0.8
     epochs_per_step: int = 1
-    reset_optimizer_each_step: bool = False  # the original's behaviour (a fresh AdamW per step)
+    # "keep": AdamW state and the train.schedule run across RL steps; "reset": a fresh AdamW every
+    # step (the schedule restarts); "reset_cosine": the original (spec 3.6), a fresh AdamW whose LR
+    # decays by half-cosine towards 0 over that step's updates (train.schedule is not used).
+    optimizer_per_step: Literal["keep", "reset", "reset_cosine"] = "keep"
     value_model: bool = False
     value_learning_rate: float = 5e-6
     train_value_every: int = 1
@@ -327,6 +330,9 @@ class Config:
     eval: EvalConfig = EvalConfig()
     rl: RLConfig = RLConfig()
     mesh: MeshConfig = MeshConfig()
+    # An SFT stage before RL (`tradojax rl`, `tradojax demo`): block SFT with these optimisation
+    # settings on the training tasks' worked solutions (synthetic tasks). None = start RL directly.
+    warm_start: TrainConfig | None = None
     # Weights: a local Hugging Face directory, or None for random initialisation.
     hf_checkpoint: str | None = None
     tokenizer: str | None = None  # a local tokenizer directory, "tiny" or "qwen3"
@@ -357,6 +363,9 @@ def _convert(value: Any, tp: Any, field: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        others = [arg for arg in args if arg is not type(None)]
+        if len(others) == 1:  # Optional[X]: X's own error names the field that is wrong
+            return _convert(value, others[0], field)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -410,7 +419,19 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     for key, value in data.items():
         name = f"{prefix}.{key}" if prefix else key
         kwargs[key] = _convert(value, hints[key], name)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a section type used under another name (warm_start is a TrainConfig)
+        home = _SECTION_NAMES.get(cls)
+        message = str(err)
+        if home and prefix and prefix != home and message.startswith(home + "."):
+            raise ConfigError(prefix + message[len(home):]) from None
+        raise
+
+
+# the section name each section type's own checks use in their messages
+_SECTION_NAMES = {typing.get_type_hints(Config)[name]: name for name in
+                  ("experiment", "model", "sampling", "train", "data", "eval", "rl", "mesh")}
 
 
 def to_dict(config: Any) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import ml_collections
 
-from tradojax.config import Config, apply_overrides, from_dict, load_config, split_config_args
+from tradojax.config import Config, ConfigError, apply_overrides, from_dict, load_config, split_config_args
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -41,8 +41,11 @@ def default_config() -> ml_collections.ConfigDict:
     config.data = dict(train="synthetic", eval="synthetic", kind="math", synthetic_train_size=1500,
                        synthetic_eval_size=64, synthetic_difficulty=2, synthetic_kinds=["maximum", "reverse"],
                        seed=0)
-    config.train = dict(steps=70, batch_size=64, learning_rate=2e-3, schedule="cosine", warmup_steps=20,
-                        min_lr_ratio=0.1, block_size=4, max_prompt_len=64, max_response_len=32)
+    # SFT first (the RL start), then RL updates with their own smaller, constant learning rate.
+    config.warm_start = dict(steps=70, batch_size=64, learning_rate=2e-3, schedule="cosine", warmup_steps=20,
+                             min_lr_ratio=0.1, block_size=4, max_prompt_len=64, max_response_len=32)
+    config.train = dict(batch_size=64, learning_rate=1e-4, schedule="constant", block_size=4, max_prompt_len=64,
+                        max_response_len=32)
     config.rl = dict(method="tracerl", steps=20, num_tasks_per_step=16, num_responses_per_task=8,
                      difficulty_lower=0.1, difficulty_upper=0.9, eval_every=5, save_every=5, beta=0.01,
                      reward_workers=1)
@@ -50,20 +53,14 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
-# RL updates use their own (smaller, constant) learning rate: the SFT schedule is for SFT.
-RL_TRAIN = dict(learning_rate=1e-4, schedule="constant", warmup_steps=0, batch_size=64)
-
-
 def run_demo(config: Config, out: Path, *, log=print) -> dict:
-    from tradojax.data.synthetic import synthetic_solution
     from tradojax.data.tasks import load_tasks
-    from tradojax.data.templates import encode_text, math_prompt
     from tradojax.data.tokenizer import tokenizer_from_name
     from tradojax.evaluation import evaluate
     from tradojax.models.loading import load_policy
     from tradojax.rewards import RewardPool
     from tradojax.rl.loop import RLTrainer
-    from tradojax.sft.trainer import SFTPair, SFTTrainer
+    from tradojax.sft.warm_start import warm_start
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -72,25 +69,21 @@ def run_demo(config: Config, out: Path, *, log=print) -> dict:
     log(f"[1/5] tokenizer ({len(tokenizer)} tokens), {len(train_tasks)} train and {len(held_out)} held-out "
         f"synthetic tasks (difficulty {config.data.synthetic_difficulty}), e.g. {held_out[0].question!r}")
 
-    end_of_turn = "<|im_end|>"
-    pairs = [SFTPair(tuple(math_prompt(tokenizer, t.question).token_ids),
-                     tuple(encode_text(tokenizer, synthetic_solution(t) + end_of_turn))) for t in train_tasks]
-    policy = load_policy(config)
+    if config.warm_start is None:
+        raise ConfigError("warm_start: the demo starts RL from an SFT model; the config needs a warm_start section")
     log(f"[2/5] SFT: {config.model.num_params() / 1e6:.2f}M-parameter block-diffusion model, "
-        f"{config.train.steps} steps of {config.train.batch_size} rows")
-    sft = SFTTrainer(config, policy, pairs, workdir=out / "sft")
-    sft_history = sft.run(on_step=_every(10, lambda m: log(f"      sft step {m['step']:>4}  loss {m['loss']:.4f}")))
-    sft_policy = sft.policy()
+        f"{config.warm_start.steps} steps of {config.warm_start.batch_size} rows")
+    sft_policy, sft_history = warm_start(
+        config, load_policy(config), tokenizer, train_tasks, workdir=out / "sft", log=lambda line: log("      " + line))
 
     with RewardPool(num_workers=config.rl.reward_workers) as pool:
         before = evaluate(sft_policy, tokenizer, held_out, config, pool=pool, seed=config.experiment.seed)[0]
     log(f"[3/5] held-out accuracy after SFT: {before.accuracy:.3f} (avg@{before.num_samples}), "
         f"pass@{before.num_samples} {before.pass_at_k:.3f}")
 
-    rl_config = dataclasses.replace(config, train=dataclasses.replace(config.train, **RL_TRAIN))
     log(f"[4/5] TraceRL: {config.rl.steps} steps x {config.rl.num_tasks_per_step} tasks x "
         f"{config.rl.num_responses_per_task} responses")
-    trainer = RLTrainer(rl_config, sft_policy, tokenizer, workdir=out / "rl", train_tasks=train_tasks,
+    trainer = RLTrainer(config, sft_policy, tokenizer, workdir=out / "rl", train_tasks=train_tasks,
                         eval_tasks=held_out)
 
     def show(m):
@@ -110,7 +103,7 @@ def run_demo(config: Config, out: Path, *, log=print) -> dict:
         "pass_at_k_after_sft": before.pass_at_k, "pass_at_k_after_rl": after.pass_at_k,
         "mean_length_after_sft": before.mean_length, "mean_length_after_rl": after.mean_length,
         "held_out_tasks": len(held_out), "samples_per_task": after.num_samples,
-        "sft_steps": config.train.steps, "rl_steps": config.rl.steps, "seconds": time.perf_counter() - started,
+        "sft_steps": config.warm_start.steps, "rl_steps": config.rl.steps, "seconds": time.perf_counter() - started,
     }
     (out / "metrics.json").write_text(json.dumps(
         {"summary": summary, "sft": sft_history, "rl": rl_history,
@@ -123,10 +116,6 @@ def run_demo(config: Config, out: Path, *, log=print) -> dict:
     log("")
     log(f"done in {summary['seconds'] / 60:.1f} min: " + ", ".join(str(p) for p in [out / "metrics.json", *artefacts]))
     return summary
-
-
-def _every(n, fn):
-    return lambda m: fn(m) if m["step"] % n == 0 or m["step"] == 1 else None
 
 
 def _write_artefacts(out, config, tokenizer, model, held_out, sft_history, rl_history, before, after):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from tradojax.config import load_config, split_config_args
 
@@ -27,16 +28,25 @@ def rl_main(argv: list[str]) -> int:
     from tradojax.parallel.mesh import make_mesh
     from tradojax.rl.loop import Preempted, RLTrainer
 
-    workdir = args.workdir or config.experiment.workdir
+    workdir = Path(args.workdir or config.experiment.workdir)
     mesh = make_mesh(config.mesh)
-    trainer = RLTrainer(config, load_policy(config, mesh=mesh), tokenizer_from_name(config.tokenizer),
-                        workdir=workdir, train_tasks=load_tasks(config.data, "train"),
+    tokenizer = tokenizer_from_name(config.tokenizer)
+    train_tasks = load_tasks(config.data, "train")
+    policy = load_policy(config, mesh=mesh)
+    if config.warm_start is not None:
+        from tradojax.sft.warm_start import warm_start
+
+        print(f"warm start: {config.warm_start.steps} SFT steps before RL (in {workdir / 'warm_start'})", flush=True)
+        policy, _ = warm_start(config, policy, tokenizer, train_tasks, workdir=workdir / "warm_start",
+                               resume=args.resume, mesh=mesh, log=lambda line: print(line, flush=True))
+    trainer = RLTrainer(config, policy, tokenizer, workdir=workdir, train_tasks=train_tasks,
                         eval_tasks=load_tasks(config.data, "eval"), mesh=mesh)
 
     def show(metrics: dict) -> None:
         keys = ("step", "reward", "accuracy", "response_length", "tokens_per_step", "kl", "clip_fraction",
                 "sampler_trainer_logp_gap", "value_loss", "step_s")
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k in keys}),
+        shown = {k: v for k, v in metrics.items() if k in keys or (k.startswith("eval/") and k.endswith("/accuracy"))}
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in shown.items()}),
               flush=True)
 
     try:
@@ -46,3 +56,4 @@ def rl_main(argv: list[str]) -> int:
         return 0
     print(f"done: {config.rl.steps} steps; metrics in {workdir}/metrics.jsonl, checkpoints in {workdir}/checkpoints")
     return 0
+

@@ -1,4 +1,4 @@
-"""The RL loop in one process: rollout -> rewards (host pool, overlapped) -> (value) -> policy
+"""The RL loop as one program (one process per host): rollout -> rewards (host pool, overlapped) -> (value) -> policy
 update -> metrics -> checkpoint -> periodic eval (spec section 3.1, without the disk round trips).
 
 The sampler reads the policy parameters in memory; rewards are scored by a host process pool
@@ -6,13 +6,15 @@ while the device computes the old log-probs of every candidate row; rows carry t
 token ids and traces, never re-tokenised text. A SIGTERM (a preempted TPU VM) finishes the
 current step, saves, and exits; `resume=True` continues to the same parameters as an
 uninterrupted run (rollouts, task choice and row masks are functions of (seed, step)).
+
+On a mesh, parameters and optimizer state are sharded ("train" rules) and every batch is split
+over the data axes; across hosts each process runs the same host work on the same data.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import signal
 import time
 from pathlib import Path
@@ -24,10 +26,13 @@ import numpy as np
 from flax import nnx
 
 from tradojax.checkpoint import TrainCheckpointer
-from tradojax.config import Config, to_dict
+from tradojax.config import Config, ConfigError, to_dict
 from tradojax.data.tasks import task_kind
+from tradojax.metrics import MetricWriter
 from tradojax.models.transformer import Decoder
 from tradojax.models.value import ValueModel, value_model_from_policy
+from tradojax.parallel.mesh import data_parallel_size
+from tradojax.parallel.sharding import place_state, shard_batch, shard_params, to_host
 from tradojax.ops.masks import BlockAlignment
 from tradojax.rl.advantages import difficulty_filter, group_zscore, outcome_token_rewards, trace_gae
 from tradojax.rl.losses import policy_loss, value_loss
@@ -35,7 +40,8 @@ from tradojax.rl.methods import row_builder
 from tradojax.rl.traces import TraceRound
 from tradojax.sampling.block_diffusion import BlockDiffusionSampler, prompt_bucket
 from tradojax.training.rows import Rows, pack_rows, round_up
-from tradojax.training.step import make_optimizer, make_train_step, masked_normaliser, noisy_token_logprobs
+from tradojax.training.step import (make_optimizer, make_train_step, masked_normaliser, noisy_token_logprobs,
+                                   pin_layouts, with_learning_rate, within_step_cosine)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,9 +152,10 @@ def _values(graphdef, params, rows):
     return nnx.merge(graphdef, params)(rows.tokens, rows.positions, rows.segments)[:, -rows.targets.shape[1]:]
 
 
-def _chunked(fn, graphdef, params, rows: Rows, batch_size: int) -> jax.Array:
-    """Runs `fn` over rows in batches of `batch_size` (one compiled shape); async on device."""
-    return jnp.concatenate([fn(graphdef, params, chunk) for chunk in batch_slices(rows, batch_size)])
+def _chunked(fn, graphdef, params, rows: Rows, batch_size: int, place: Callable) -> jax.Array:
+    """Runs `fn` over rows in batches of `batch_size` (one compiled shape, each batch put on the
+    devices by `place`); async on device."""
+    return jnp.concatenate([fn(graphdef, params, place(chunk)) for chunk in batch_slices(rows, batch_size)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +168,10 @@ class Preempted(Exception):
 
 
 class RLTrainer:
-    """Runs `config.rl.steps` RL steps from `policy`, writing to `workdir`."""
+    """Runs `config.rl.steps` RL steps from `policy`, writing to `workdir`.
+
+    The trainer takes `policy`'s arrays over: updates donate them (no second copy of the weights),
+    so pass a copy to start several runs from one model."""
 
     def __init__(self, config: Config, policy: Decoder, tokenizer, *, workdir: str | Path, train_tasks,
                  eval_tasks=(), mesh=None, log: Callable[[str], None] = print):
@@ -178,22 +188,37 @@ class RLTrainer:
         self.sampling = dataclasses.replace(config.sampling, num_samples=rl.num_responses_per_task)
         self.sampler = BlockDiffusionSampler(policy, self.sampling, mesh=mesh)
         self.graphdef, self.params = nnx.split(policy)
-        self.tx = make_optimizer(config.train)
-        self.opt_state = self.tx.init(self.params)
-        self.policy_step = make_train_step(self.graphdef, self.tx, policy_loss_fn(config),
-                                           config.train.num_micro_batches)
+        if mesh is not None:
+            dp = data_parallel_size(mesh)
+            if config.train.batch_size % dp or (config.train.micro_batch_size and config.train.micro_batch_size % dp):
+                raise ConfigError(f"train.batch_size={config.train.batch_size} (and micro_batch_size) must be divisible "
+                                  f"by the mesh's data-parallel size {dp}")
+            self.params = shard_params(self.params, mesh, "train")
+        host_rate = rl.optimizer_per_step == "reset_cosine"  # the LR is set from the host per update
+        self.tx = make_optimizer(config.train, host_learning_rate=host_rate)
+        self.opt_state = self._place_state(self.tx.init(self.params))
+        self.policy_step = self._pinned(make_train_step(self.graphdef, self.tx, policy_loss_fn(config),
+                                                        config.train.num_micro_batches), self.params, self.opt_state)
         self.ref_params = jax.tree.map(jnp.copy, self.params) if rl.kl_reference == "initial" else None
         if rl.value_model:
             value = value_model_from_policy(policy)
             self.value_graphdef, self.value_params = nnx.split(value)
-            self.value_tx = make_optimizer(config.train, learning_rate=rl.value_learning_rate)
-            self.value_opt_state = self.value_tx.init(self.value_params)
-            self.value_step = make_train_step(self.value_graphdef, self.value_tx, _value_loss_fn(config),
-                                              config.train.num_micro_batches)
+            if mesh is not None:
+                self.value_params = shard_params(self.value_params, mesh, "train")
+            self.value_tx = make_optimizer(config.train, learning_rate=rl.value_learning_rate,
+                                           host_learning_rate=host_rate)
+            self.value_opt_state = self._place_state(self.value_tx.init(self.value_params))
+            self.value_step = self._pinned(make_train_step(self.value_graphdef, self.value_tx, _value_loss_fn(config),
+                                                           config.train.num_micro_batches),
+                                           self.value_params, self.value_opt_state)
         from tradojax.data.pipeline import TaskSampler
 
+        # Every host takes the whole step (shard 0 of 1): the rollout is one global batch split over the
+        # mesh, gathered back to each host, which then scores and builds the same rows (host work is
+        # repeated, device work is split); updates read each host's shards of those rows.
         self.task_sampler = TaskSampler(self.train_tasks, num_task_per_step=rl.num_tasks_per_step,
-                                        num_response_per_task=rl.num_responses_per_task, seed=config.experiment.seed)
+                                        num_response_per_task=rl.num_responses_per_task, seed=config.experiment.seed,
+                                        shard_index=0, shard_count=1)
         from tradojax.data.templates import task_prompt
 
         self._prompt_cache: dict[int, list[int]] = {}
@@ -202,6 +227,24 @@ class RLTrainer:
         self.history: list[dict] = []
         self.checkpointer = TrainCheckpointer(self.workdir / "checkpoints", log=log)
         self._stop = False
+
+    # ------------------------------------------------------------------ placement
+
+    def _place_state(self, tree: Any) -> Any:
+        return tree if self.mesh is None else place_state(tree, self.mesh)
+
+    def _pinned(self, step_fn: Callable, params: Any, opt_state: Any) -> Callable:
+        return step_fn if self.mesh is None else pin_layouts(step_fn, params, opt_state, self.mesh)
+
+    def place(self, tree: Any) -> Any:
+        """Host rows (or extras) on the devices: the batch axis split over the mesh's data axes."""
+        return jax.tree.map(jnp.asarray, tree) if self.mesh is None else shard_batch(tree, self.mesh)
+
+    def _step_learning_rates(self, peak: float, num_updates: int) -> list[float | None]:
+        """Per-update learning rates set from the host ("reset_cosine"), else None (the optimizer's schedule)."""
+        if self.config.rl.optimizer_per_step != "reset_cosine":
+            return [None] * num_updates
+        return within_step_cosine(peak, num_updates).tolist()
 
     # ------------------------------------------------------------------ state
 
@@ -220,9 +263,9 @@ class RLTrainer:
         if self.checkpointer.latest_step() is None:
             return False
         step, trees, meta = self.checkpointer.restore_latest_good(self._trees())
-        self.params, self.opt_state = trees["policy"], trees["policy_opt"]
+        self.params, self.opt_state = trees["policy"], self._place_state(trees["policy_opt"])
         if self.config.rl.value_model:
-            self.value_params, self.value_opt_state = trees["value"], trees["value_opt"]
+            self.value_params, self.value_opt_state = trees["value"], self._place_state(trees["value_opt"])
         self.task_sampler.set_state(meta["task_sampler"])
         self.step = int(meta["step"])
         self.history = list(meta["history"])
@@ -258,7 +301,8 @@ class RLTrainer:
         row_rng = np.random.default_rng([config.experiment.seed, self.step, 0x5EED])
         prompt_length = prompt_bucket(max(len(p) for p in prompts), self.sampling.prompt_buckets)
         all_rows = build_step_rows(config, rollout_prompts, responses, traces, prompt_length, row_rng)
-        old_logp_all = _chunked(_logprobs, self.graphdef, self.params, all_rows.rows, config.train.batch_size)
+        old_logp_all = _chunked(_logprobs, self.graphdef, self.params, all_rows.rows, config.train.batch_size,
+                                self.place)
         results = batch.result()
         timings["reward_s"] = time.perf_counter() - clock
 
@@ -289,33 +333,39 @@ class RLTrainer:
             metrics |= timings
             return metrics
         step_rows = _select_rows(all_rows, row_keep, config.train.batch_size)
-        old_logp = jnp.asarray(np.asarray(old_logp_all)[step_rows.source])
+        old_logp = to_host(old_logp_all)[step_rows.source]
         # sampler vs trainer: the same token's log-prob under the rollout and under the row
         sampler_logp = rollout.logprobs[step_rows.response][:, :step_rows.rows.targets.shape[1]]
         mask = step_rows.rows.loss_mask
-        metrics["sampler_trainer_logp_gap"] = float(np.abs(np.asarray(old_logp) - sampler_logp)[mask].mean())
+        metrics["sampler_trainer_logp_gap"] = float(np.abs(old_logp - sampler_logp)[mask].mean())
         response_adv = advantages.reshape(-1)
         if rl.value_model:
             token_adv, value_metrics = self._value_phase(step_rows, response_adv, rollout)
             metrics |= value_metrics
-            row_advantages = jnp.asarray(token_adv)
+            row_advantages = token_adv
         else:
-            row_advantages = jnp.asarray(response_adv[step_rows.response].astype(np.float32))
+            row_advantages = response_adv[step_rows.response].astype(np.float32)
         timings["value_s"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        if rl.reset_optimizer_each_step:
-            self.opt_state = self.tx.init(self.params)
-        ref_logp = (_chunked(_logprobs, self.graphdef, self.ref_params, step_rows.rows, config.train.batch_size)
+        if rl.optimizer_per_step != "keep":
+            self.opt_state = self._place_state(self.tx.init(self.params))
+        ref_logp = (to_host(_chunked(_logprobs, self.graphdef, self.ref_params, step_rows.rows,
+                                     config.train.batch_size, self.place))
                     if self.ref_params is not None else None)
         update_metrics = []
         extras = {"old_logp": old_logp, "advantages": row_advantages}
         if ref_logp is not None:
             extras["ref_logp"] = ref_logp
-        for _ in range(rl.epochs_per_step):
-            for rows, extra in batch_slices((step_rows.rows, extras), config.train.batch_size):
-                self.params, self.opt_state, m = self.policy_step(self.params, self.opt_state, rows, extra)
-                update_metrics.append(m)
+        batches = [*batch_slices((step_rows.rows, extras), config.train.batch_size)] * rl.epochs_per_step
+        rates = self._step_learning_rates(config.train.learning_rate, len(batches))
+        for (rows, extra), rate in zip(batches, rates):
+            if rate is not None:
+                self.opt_state = with_learning_rate(self.opt_state, rate)
+            self.params, self.opt_state, m = self.policy_step(self.params, self.opt_state, *self.place((rows, extra)))
+            update_metrics.append(m)
+        if rates[0] is not None:
+            metrics["learning_rate"] = float(np.mean(rates))
         for name in ("kl", "clip_fraction", "ratio_mean", "pg_loss", "grad_norm"):
             metrics[name] = float(np.mean([float(m[name]) for m in update_metrics]))
         metrics["updates"] = len(update_metrics)
@@ -327,7 +377,8 @@ class RLTrainer:
         """Old values -> per-token GAE over the trace steps -> value update (every k steps)."""
         config, rl = self.config, self.config.rl
         rows = step_rows.rows
-        old_values = np.asarray(_chunked(_values, self.value_graphdef, self.value_params, rows, config.train.batch_size))
+        old_values = to_host(_chunked(_values, self.value_graphdef, self.value_params, rows, config.train.batch_size,
+                                      self.place))
         length = rows.targets.shape[1]
         returns = np.zeros_like(old_values)
         token_adv = np.zeros_like(old_values)
@@ -349,10 +400,15 @@ class RLTrainer:
         metrics = {}
         if self.step % rl.train_value_every == 0:
             losses = []
-            extras = {"old_values": jnp.asarray(old_values), "returns": jnp.asarray(returns)}
-            for chunk, extra in batch_slices((rows, extras), config.train.batch_size):
+            extras = {"old_values": old_values, "returns": returns}
+            if rl.optimizer_per_step != "keep":
+                self.value_opt_state = self._place_state(self.value_tx.init(self.value_params))
+            batches = list(batch_slices((rows, extras), config.train.batch_size))
+            for (chunk, extra), rate in zip(batches, self._step_learning_rates(rl.value_learning_rate, len(batches))):
+                if rate is not None:
+                    self.value_opt_state = with_learning_rate(self.value_opt_state, rate)
                 self.value_params, self.value_opt_state, m = self.value_step(
-                    self.value_params, self.value_opt_state, chunk, extra)
+                    self.value_params, self.value_opt_state, *self.place((chunk, extra)))
                 losses.append(float(m["value_loss"]))
             metrics["value_loss"] = float(np.mean(losses))
         mask = rows.loss_mask
@@ -381,7 +437,7 @@ class RLTrainer:
             self.restore()
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, self._on_sigterm)
-        writer = _MetricWriter(self.workdir) if jax.process_index() == 0 else None
+        writer = MetricWriter(self.workdir, "metrics.jsonl", history=self.history) if jax.process_index() == 0 else None
         try:
             with RewardPool(num_workers=rl.reward_workers) as pool:
                 while self.step < rl.steps:
@@ -432,30 +488,3 @@ def _select_rows(all_rows: StepRows, keep: np.ndarray, batch_size: int) -> StepR
     rows = dataclasses.replace(rows, weights=weights, loss_mask=loss_mask)
     return StepRows(rows=rows, response=all_rows.response[source], rounds=[all_rows.rounds[i] for i in kept],
                     num_real=len(kept), source=source)
-
-
-class _MetricWriter:
-    """metrics.jsonl and TensorBoard event files under the workdir."""
-
-    def __init__(self, workdir: Path):
-        self.jsonl = open(workdir / "metrics.jsonl", "a")
-        try:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
-        except ImportError:
-            self.tb = None
-
-    def write(self, metrics: dict) -> None:
-        self.jsonl.write(json.dumps(metrics) + "\n")
-        self.jsonl.flush()
-        if self.tb is not None:
-            for name, value in metrics.items():
-                if isinstance(value, (int, float)) and name != "step":
-                    self.tb.add_scalar(name, value, metrics["step"])
-            self.tb.flush()
-
-    def close(self) -> None:
-        self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()

@@ -69,7 +69,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tradojax.config import ConfigError, ModelConfig, SamplingConfig
-from tradojax.models.transformer import Decoder, KVCache
+from tradojax.models.transformer import DTYPES, Decoder, KVCache
 from tradojax.ops.masks import MaskRule, inference_segments
 from tradojax.sampling import strategies
 
@@ -101,9 +101,11 @@ class Rollout:
     prefill_forwards: int  # batched prefill forwards (0 uncached)
 
     def to_numpy(self) -> Rollout:
-        """The same rollout with every array as a numpy array."""
+        """The same rollout with every array as a numpy array (the whole batch, on every host)."""
+        from tradojax.parallel.sharding import to_host
+
         return dataclasses.replace(
-            self, **{f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)
+            self, **{f.name: to_host(getattr(self, f.name)) for f in dataclasses.fields(self)
                      if f.name not in ("num_forwards", "prefill_forwards")})
 
     def responses(self) -> list[list[int]]:
@@ -559,6 +561,22 @@ def cache_slots(bucket: int, block_size: int, max_new_tokens: int) -> int:
     return (bucket // block_size) * block_size + blocks * block_size
 
 
+def rollout_params(params: nnx.State, config: ModelConfig) -> nnx.State:
+    """The weights the sampler streams: with f32 master weights and a narrower compute dtype, the
+    embedding, LM head and layer weights in the compute dtype. The model casts exactly these at use,
+    so rollouts are bit-identical while each decode step reads half the bytes. The final norm stays
+    as it is (the model does not cast it)."""
+    compute = DTYPES[config.compute_dtype]
+    if DTYPES[config.param_dtype] == compute:
+        return params
+
+    def cast(path, leaf):
+        top = str(path[0].key if hasattr(path[0], "key") else path[0])
+        return leaf.astype(compute) if top in ("layers", "embed_tokens", "lm_head") else leaf
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 class BlockDiffusionSampler:
     """Generates responses from an SDAR/TraDo model with the cached (or reference) block sampler.
 
@@ -582,12 +600,11 @@ class BlockDiffusionSampler:
             self.data_parallel = math.prod(mesh.shape[a] for a in self.batch_axes)
 
     def _place(self, params: nnx.State) -> nnx.State:
+        params = rollout_params(params, self.model_config)
         if self.mesh is None:
             return params
-        try:
-            from tradojax.parallel.sharding import shard_params
-        except ImportError:  # parameters replicated over the mesh
-            return jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+        from tradojax.parallel.sharding import shard_params
+
         return shard_params(params, self.mesh, role="rollout")
 
     def _plan(self, bucket: int) -> _Plan:
