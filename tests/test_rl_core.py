@@ -170,3 +170,16 @@ def test_value_model_starts_from_the_policy_with_zero_values():
     graphdef, state = nnx.split(value)
     grads = jax.grad(lambda s: nnx.merge(graphdef, s)(tokens, pos, seg).sum())(state)
     assert float(jnp.abs(grads["value_head"][...]).sum()) > 0
+
+
+def test_trace_rounds_of_a_block_4_rollout_trained_at_block_8():
+    """Block-size adaptation by RL (paper 5.8): rollouts at b = 4, TraceRL rows at b = 8. With an
+    8-token prompt the response's 8 positions form one training block, which spans two decode
+    blocks: its rounds are the distinct steps of both, in order."""
+    rounds = trace_rounds(TRACE, 6, response_length=8, prompt_length=8, block_size=8)
+    # steps [2, 1, 1, 3 | 5, 4] + pads (6): one round per step 1..5 (the pads' round trains nothing)
+    assert [positions(r.trained) for r in rounds] == [[1, 2], [0], [3], [5], [4]]
+    assert [positions(r.noisy) for r in rounds] == [[0, 1, 2, 3, 4, 5, 6, 7], [0, 3, 4, 5, 6, 7],
+                                                     [3, 4, 5, 6, 7], [4, 5, 6, 7], [4, 6, 7]]
+    # the same trace at b = 4 trains both decode blocks in each round: 3 rows instead of 5
+    assert len(trace_rounds(TRACE, 6, response_length=8, prompt_length=8, block_size=4)) == 3

@@ -164,3 +164,18 @@ def test_reset_cosine_reproduces_the_originals_per_step_learning_rates(tmp_path,
     assert metrics["learning_rate"] == pytest.approx(expected.mean(), rel=1e-6)
     # the optimizer state ends at the last update's rate, with a fresh count (one step's updates)
     assert float(trainer.opt_state[-1].hyperparams["learning_rate"]) == pytest.approx(expected[-1], rel=1e-6)
+
+
+def test_block_size_adaptation_by_rl_rollouts_at_4_rows_at_8(tmp_path, tokenizer):
+    """The paper's recipe (5.8): roll out at b = 4 while TraceRL trains b = 8 rows, then continue
+    with rollouts at b = 8 from the checkpoint."""
+    stage1 = make_trainer(tmp_path, tokenizer, ["rl.steps=1", "train.block_size=8"], "adapt")
+    (metrics,) = stage1.run()
+    assert metrics["updates"] >= 1 and np.isfinite(metrics["kl"])
+    assert stage1.sampling.block_size == 4
+    stage2 = make_trainer(tmp_path, tokenizer, ["rl.steps=2", "train.block_size=8", "sampling.block_size=8",
+                                                "sampling.denoising_steps=8"], "adapt")
+    history = stage2.run(resume=True)
+    assert [m["step"] for m in history] == [1, 2] and stage2.sampling.block_size == 8
+    # rows at b = 8 from b = 8 rollouts reproduce the sampler's log-probs again
+    assert history[-1]["sampler_trainer_logp_gap"] < 0.05
