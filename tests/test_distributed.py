@@ -1,5 +1,6 @@
 """Two CPU processes joined by jax.distributed run one SFT update on a process-spanning mesh and
-land on the same parameters as one process running the same global batch.
+land on the same parameters as one process running the same global batch; `tradojax rl` as two
+processes takes the same steps as one process with the same mesh. Also: the launch scripts.
 
 The file is also the worker: `python tests/test_distributed.py WORKER_ID NUM PORT OUT`.
 """
@@ -107,6 +108,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_processes(commands: list[list[str]], envs: list[dict], timeout_s: float) -> list[str]:
+    """Runs the commands side by side; fails with their output tails if one fails or they hang."""
+    procs = [subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for command, env in zip(commands, envs)]
+    deadline = time.monotonic() + timeout_s
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        logs = [p.communicate()[0][-3000:] for p in procs]
+        pytest.fail(f"the processes did not finish within {timeout_s} s:\n" + "\n----\n".join(logs))
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} failed:\n{outputs[i][-5000:]}"
+    return outputs
+
+
 def test_two_processes_match_one_process_update(tmp_path):
     out = tmp_path / "params.npz"
     port = free_port()
@@ -114,22 +134,8 @@ def test_two_processes_match_one_process_update(tmp_path):
                XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TRADOJAX_DISTRIBUTED"):
         env.pop(name, None)
-    procs = [subprocess.Popen([sys.executable, __file__, str(i), str(NUM_PROCESSES), str(port), str(out)],
-                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(NUM_PROCESSES)]
-    deadline = time.monotonic() + TIMEOUT_S
-    outputs = []
-    try:
-        for p in procs:
-            stdout, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            outputs.append(stdout)
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        logs = [p.communicate()[0][-3000:] for p in procs]
-        pytest.fail(f"the two processes did not finish within {TIMEOUT_S} s:\n" + "\n----\n".join(logs))
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n{outputs[i][-5000:]}"
+    run_processes([[sys.executable, __file__, str(i), str(NUM_PROCESSES), str(port), str(out)]
+                   for i in range(NUM_PROCESSES)], [env] * NUM_PROCESSES, TIMEOUT_S)
 
     import jax
 
@@ -160,24 +166,6 @@ RL_ARGS = ["rl", "--config", "configs/tiny.py", "--config.rl.steps=2", "--config
 CLI = "import sys; from tradojax.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def run_processes(commands: list[list[str]], envs: list[dict]) -> list[str]:
-    procs = [subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for command, env in zip(commands, envs)]
-    deadline = time.monotonic() + 2 * TIMEOUT_S
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        logs = [p.communicate()[0][-3000:] for p in procs]
-        pytest.fail(f"the processes did not finish within {2 * TIMEOUT_S} s:\n" + "\n----\n".join(logs))
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n{outputs[i][-5000:]}"
-    return outputs
-
-
 def test_two_process_rl_run_matches_one_process(tmp_path):
     """`tradojax rl` as two processes (2 CPU devices each, joined through the JAX_* environment) on a
     (data 2, fsdp 2) mesh: the same rollouts, rewards and updates as one process with 4 devices."""
@@ -193,7 +181,7 @@ def test_two_process_rl_run_matches_one_process(tmp_path):
     one = dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_PROCESSES * DEVICES_PER_PROCESS}")
     commands = [[sys.executable, "-c", CLI, *RL_ARGS, "--workdir", str(tmp_path / "two")]] * NUM_PROCESSES
     commands.append([sys.executable, "-c", CLI, *RL_ARGS, "--workdir", str(tmp_path / "one")])
-    run_processes(commands, two + [one])
+    run_processes(commands, two + [one], 2 * TIMEOUT_S)
 
     def metrics(name):
         return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]

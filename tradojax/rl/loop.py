@@ -1,5 +1,6 @@
-"""The RL loop as one program (one process per host): rollout -> rewards (host pool, overlapped) -> (value) -> policy
-update -> metrics -> checkpoint -> periodic eval (spec section 3.1, without the disk round trips).
+"""The RL loop as one program (one process per host): rollout -> rewards (host pool, overlapped)
+-> (value) -> policy update -> metrics -> checkpoint -> periodic eval (spec section 3.1, without
+the disk round trips).
 
 The sampler reads the policy parameters in memory; rewards are scored by a host process pool
 while the device computes the old log-probs of every candidate row; rows carry the generated
@@ -31,9 +32,9 @@ from tradojax.data.tasks import task_kind
 from tradojax.metrics import MetricWriter
 from tradojax.models.transformer import Decoder
 from tradojax.models.value import ValueModel, value_model_from_policy
+from tradojax.ops.masks import BlockAlignment
 from tradojax.parallel.mesh import data_parallel_size
 from tradojax.parallel.sharding import place_state, shard_batch, shard_params, to_host
-from tradojax.ops.masks import BlockAlignment
 from tradojax.rl.advantages import difficulty_filter, group_zscore, outcome_token_rewards, trace_gae
 from tradojax.rl.losses import policy_loss, value_loss
 from tradojax.rl.methods import row_builder
