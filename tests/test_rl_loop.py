@@ -60,6 +60,14 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(tmp_path, tokenizer):
         np.testing.assert_array_equal(a, b)
 
 
+def test_phases_are_reported_in_order(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, ["rl.steps=1"])
+    phases = []
+    (metrics,) = trainer.run(on_phase=phases.append)
+    assert phases == ["rollout", "reward", "value", "update", "eval", "checkpoint"]
+    assert all(metrics[f"{name}_s"] >= 0 for name in ("rollout", "reward", "value", "update"))
+
+
 def test_value_model_flow_and_initial_reference(tmp_path, tokenizer):
     trainer = make_trainer(tmp_path, tokenizer, ["rl.steps=1", "rl.value_model=True", "rl.kl_reference=initial"])
     (metrics,) = trainer.run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from tradojax.config import load_config, split_config_args
@@ -42,18 +43,30 @@ def rl_main(argv: list[str]) -> int:
     trainer = RLTrainer(config, policy, tokenizer, workdir=workdir, train_tasks=train_tasks,
                         eval_tasks=load_tasks(config.data, "eval"), mesh=mesh)
 
-    def show(metrics: dict) -> None:
-        keys = ("step", "reward", "accuracy", "response_length", "tokens_per_step", "kl", "clip_fraction",
-                "sampler_trainer_logp_gap", "value_loss", "step_s")
-        shown = {k: v for k, v in metrics.items() if k in keys or (k.startswith("eval/") and k.endswith("/accuracy"))}
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in shown.items()}),
-              flush=True)
+    keys = ("step", "reward", "accuracy", "response_length", "tokens_per_step", "kl", "clip_fraction",
+            "sampler_trainer_logp_gap", "value_loss", "step_s")
 
-    try:
-        trainer.run(resume=args.resume, on_step=show)
-    except Preempted as stop:
-        print(stop)
-        return 0
+    def line(metrics: dict) -> str:
+        shown = {k: v for k, v in metrics.items() if k in keys or (k.startswith("eval/") and k.endswith("/accuracy"))}
+        return json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in shown.items()})
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    # A live bar on stderr (a terminal only); one JSON line per step on stdout, for logs and scripts.
+    with Progress(TextColumn(f"[bold]{config.rl.method}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                  TextColumn("{task.fields[phase]:<10}"), TextColumn("{task.fields[reward]}"), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("rl", total=config.rl.steps, completed=0, phase="", reward="")
+
+        def on_step(metrics: dict) -> None:
+            bar.update(task, completed=metrics["step"], reward=f"reward {metrics['reward']:.3f}")
+            print(line(metrics), flush=True)
+
+        try:
+            trainer.run(resume=args.resume, on_step=on_step, on_phase=lambda name: bar.update(task, phase=name))
+        except Preempted as stop:
+            print(stop)
+            return 0
     print(f"done: {config.rl.steps} steps; metrics in {workdir}/metrics.jsonl, checkpoints in {workdir}/checkpoints")
     return 0
-

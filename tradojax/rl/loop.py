@@ -228,6 +228,11 @@ class RLTrainer:
         self.history: list[dict] = []
         self.checkpointer = TrainCheckpointer(self.workdir / "checkpoints", log=log)
         self._stop = False
+        self._on_phase: Callable[[str], None] | None = None
+
+    def _phase(self, name: str) -> None:
+        if self._on_phase is not None:
+            self._on_phase(name)
 
     # ------------------------------------------------------------------ placement
 
@@ -284,6 +289,7 @@ class RLTrainer:
         config, rl = self.config, self.config.rl
         timings: dict[str, float] = {}
         clock = time.perf_counter()
+        self._phase("rollout")
         task_step = self.task_sampler.step_tasks(self.step)
         prompts = [self.prompt_ids(i, t) for i, t in zip(task_step.task_indices, task_step.tasks)]
         key = jax.random.fold_in(jax.random.key(config.experiment.seed), self.step)
@@ -293,6 +299,7 @@ class RLTrainer:
 
         # rewards on the host pool, while the device builds and scores every candidate row
         clock = time.perf_counter()
+        self._phase("reward")
         texts = [self.tokenizer.decode(r, skip_special_tokens=False) for r in responses]
         items = [task_step.tasks[i].to_dict() for i in rollout.prompt_index]
         batch = pool.submit_batch(self.kind, items, texts, response_lengths=rollout.lengths.tolist(),
@@ -328,6 +335,7 @@ class RLTrainer:
         }
 
         clock = time.perf_counter()
+        self._phase("value")
         row_keep = keep[all_rows.response] & (np.arange(len(all_rows.response)) < all_rows.num_real)
         if not row_keep.any():
             self.log(f"step {self.step + 1}: every group filtered out (accuracy {metrics['accuracy']:.3f}); no update")
@@ -349,6 +357,7 @@ class RLTrainer:
         timings["value_s"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
+        self._phase("update")
         if rl.optimizer_per_step != "keep":
             self.opt_state = self._place_state(self.tx.init(self.params))
         ref_logp = (to_host(_chunked(_logprobs, self.graphdef, self.ref_params, step_rows.rows,
@@ -430,10 +439,15 @@ class RLTrainer:
     def sampler_model(self) -> Decoder:
         return nnx.merge(self.graphdef, self.params)
 
-    def run(self, *, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> list[dict]:
+    def run(self, *, resume: bool = False, on_step: Callable[[dict], None] | None = None,
+            on_phase: Callable[[str], None] | None = None) -> list[dict]:
+        """Runs to `rl.steps`. `on_step` gets each step's metrics, `on_phase` the name of each phase
+        as it starts (rollout, reward, value, update: the `*_s` timings; eval, checkpoint): both on
+        process 0 only."""
         from tradojax.rewards import RewardPool
 
         config, rl = self.config, self.config.rl
+        self._on_phase = on_phase if jax.process_index() == 0 else None
         if resume:
             self.restore()
         previous = signal.getsignal(signal.SIGTERM)
@@ -446,6 +460,7 @@ class RLTrainer:
                     metrics = self.run_step(pool)
                     self.step += 1
                     if self.eval_tasks and (self.step % rl.eval_every == 0 or self.step == rl.steps):
+                        self._phase("eval")
                         for result in self.evaluate(pool):
                             tag = f"{result['strategy']}_k{result['top_k']}"
                             metrics[f"eval/{tag}/accuracy"] = result["accuracy"]
@@ -457,6 +472,7 @@ class RLTrainer:
                         if on_step is not None:
                             on_step(metrics)
                     if self.step % rl.save_every == 0 or self.step == rl.steps or self._stop:
+                        self._phase("checkpoint")
                         self.save()
                     if self._stop:
                         raise Preempted(f"SIGTERM: saved step {self.step} to {self.checkpointer.directory}")
