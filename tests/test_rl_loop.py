@@ -42,7 +42,7 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(tmp_path, tokenizer):
     history = straight.run()
     assert [m["step"] for m in history] == [1, 2]
     for key in ("reward", "accuracy", "response_length", "tokens_per_step", "kl", "clip_fraction",
-                "sampler_trainer_logp_gap", "rollout_s", "update_s"):
+                "sampler_trainer_logp_gap", "entropy", "rollout_s", "update_s"):
         assert key in history[0], key
     lines = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]

@@ -148,3 +148,20 @@ def test_host_learning_rate_sets_the_size_of_each_update():
         updates, state = tx.update(grads, state, params)
         np.testing.assert_allclose(np.asarray(updates["w"]), -rate * np.sign(np.asarray(grads["w"])), rtol=1e-5)
     assert float(state[-1].hyperparams["learning_rate"]) == pytest.approx(0.05)
+
+
+def test_noisy_token_entropy_against_float64_logits():
+    """The entropy beside each noisy token's log-prob equals -sum p log p of that position's
+    logits, computed in float64 from the model's own logits (tolerance 1e-4 nats)."""
+    rows = make_rows(4, n=3)
+    model = init_model(CONFIG, seed=2)
+    logp, entropy = noisy_token_logprobs(model, rows, with_entropy=True)
+    np.testing.assert_array_equal(np.asarray(logp), np.asarray(noisy_token_logprobs(model, rows)))
+    response_length = rows.targets.shape[1]
+    hidden = model.hidden_states(rows.tokens, rows.positions, rows.segments, MaskRule.BLOCK_DIFFUSION)
+    logits = np.asarray(model.hidden_to_logits(hidden[:, -response_length:]), np.float64)
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    expected = -(np.exp(log_probs) * log_probs).sum(-1)
+    np.testing.assert_allclose(np.asarray(entropy), expected, atol=1e-4, rtol=0)
+    assert 0 < expected.min() and expected.max() <= np.log(CONFIG.vocab_size) + 1e-9

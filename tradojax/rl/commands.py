@@ -44,7 +44,7 @@ def rl_main(argv: list[str]) -> int:
                         eval_tasks=load_tasks(config.data, "eval"), mesh=mesh)
 
     keys = ("step", "reward", "accuracy", "response_length", "tokens_per_step", "kl", "clip_fraction",
-            "sampler_trainer_logp_gap", "value_loss", "step_s")
+            "entropy", "sampler_trainer_logp_gap", "value_loss", "step_s")
 
     def line(metrics: dict) -> str:
         shown = {k: v for k, v in metrics.items() if k in keys or (k.startswith("eval/") and k.endswith("/accuracy"))}

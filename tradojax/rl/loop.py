@@ -149,14 +149,20 @@ def _logprobs(graphdef, params, rows):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
+def _logprobs_and_entropy(graphdef, params, rows):
+    return noisy_token_logprobs(nnx.merge(graphdef, params), rows, with_entropy=True)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
 def _values(graphdef, params, rows):
     return nnx.merge(graphdef, params)(rows.tokens, rows.positions, rows.segments)[:, -rows.targets.shape[1]:]
 
 
-def _chunked(fn, graphdef, params, rows: Rows, batch_size: int, place: Callable) -> jax.Array:
+def _chunked(fn, graphdef, params, rows: Rows, batch_size: int, place: Callable) -> Any:
     """Runs `fn` over rows in batches of `batch_size` (one compiled shape, each batch put on the
-    devices by `place`); async on device."""
-    return jnp.concatenate([fn(graphdef, params, place(chunk)) for chunk in batch_slices(rows, batch_size)])
+    devices by `place`) and concatenates its output (an array or a tuple of them); async on device."""
+    outputs = [fn(graphdef, params, place(chunk)) for chunk in batch_slices(rows, batch_size)]
+    return jax.tree.map(lambda *parts: jnp.concatenate(parts), *outputs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,8 +315,8 @@ class RLTrainer:
         row_rng = np.random.default_rng([config.experiment.seed, self.step, 0x5EED])
         prompt_length = prompt_bucket(max(len(p) for p in prompts), self.sampling.prompt_buckets)
         all_rows = build_step_rows(config, rollout_prompts, responses, traces, prompt_length, row_rng)
-        old_logp_all = _chunked(_logprobs, self.graphdef, self.params, all_rows.rows, config.train.batch_size,
-                                self.place)
+        old_logp_all, entropy_all = _chunked(_logprobs_and_entropy, self.graphdef, self.params, all_rows.rows,
+                                             config.train.batch_size, self.place)
         results = batch.result()
         timings["reward_s"] = time.perf_counter() - clock
 
@@ -347,6 +353,8 @@ class RLTrainer:
         sampler_logp = rollout.logprobs[step_rows.response][:, :step_rows.rows.targets.shape[1]]
         mask = step_rows.rows.loss_mask
         metrics["sampler_trainer_logp_gap"] = float(np.abs(old_logp - sampler_logp)[mask].mean())
+        # the rollout policy's entropy (nats) at the trained positions
+        metrics["entropy"] = float(to_host(entropy_all)[step_rows.source][mask].mean())
         response_adv = advantages.reshape(-1)
         if rl.value_model:
             token_adv, value_metrics = self._value_phase(step_rows, response_adv, rollout)

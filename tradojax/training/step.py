@@ -25,8 +25,9 @@ from tradojax.training.rows import Rows
 LossFn = Callable[[nnx.Module, Rows, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def noisy_token_logprobs(model: nnx.Module, rows: Rows) -> jax.Array:
-    """[B, L1] float32: log p(target_j) at each noisy position under the dual-stream mask.
+def noisy_token_logprobs(model: nnx.Module, rows: Rows, *, with_entropy: bool = False):
+    """[B, L1] float32: log p(target_j) at each noisy position under the dual-stream mask; with
+    `with_entropy`, also the entropy (nats) of the predicted distribution at each position.
 
     Only the noisy copy goes through the LM head (the prompt and clean copy need no logits).
     """
@@ -34,7 +35,10 @@ def noisy_token_logprobs(model: nnx.Module, rows: Rows) -> jax.Array:
     hidden = model.hidden_states(rows.tokens, rows.positions, rows.segments, MaskRule.BLOCK_DIFFUSION)
     logits = model.hidden_to_logits(hidden[:, -response_length:])
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(log_probs, rows.targets[..., None], axis=-1)[..., 0]
+    target_logp = jnp.take_along_axis(log_probs, rows.targets[..., None], axis=-1)[..., 0]
+    if not with_entropy:
+        return target_logp
+    return target_logp, -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
 
 
 def masked_normaliser(rows: Rows, normalization: str) -> jax.Array:
