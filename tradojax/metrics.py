@@ -13,9 +13,15 @@ class MetricWriter:
     Opened with the history its checkpoint covers: the JSONL is rewritten to exactly those records,
     so a resumed run that redoes the steps after its last save does not list them twice.
     `tb_prefix` goes before scalar names that have no section of their own (e.g. "sft/loss").
+    In a multi-host job only process 0 writes (the others' writers do nothing).
     """
 
     def __init__(self, workdir: str | Path, filename: str, *, history: Sequence[dict] = (), tb_prefix: str = ""):
+        import jax
+
+        self.jsonl = self.tb = None
+        if jax.process_index() != 0:
+            return
         workdir = Path(workdir)
         self.tb_prefix = tb_prefix
         self.jsonl = open(workdir / filename, "w")
@@ -29,6 +35,8 @@ class MetricWriter:
             self.tb = None
 
     def write(self, record: dict) -> None:
+        if self.jsonl is None:
+            return
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
@@ -38,7 +46,8 @@ class MetricWriter:
             self.tb.flush()
 
     def close(self) -> None:
-        self.jsonl.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
 

@@ -460,7 +460,7 @@ class RLTrainer:
             self.restore()
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, self._on_sigterm)
-        writer = MetricWriter(self.workdir, "metrics.jsonl", history=self.history) if jax.process_index() == 0 else None
+        writer = MetricWriter(self.workdir, "metrics.jsonl", history=self.history)  # writes on process 0
         try:
             with RewardPool(num_workers=rl.reward_workers) as pool:
                 while self.step < rl.steps:
@@ -475,10 +475,9 @@ class RLTrainer:
                             metrics[f"eval/{tag}/mean_length"] = result["mean_length"]
                     metrics["step_s"] = time.perf_counter() - start
                     self.history.append(metrics)
-                    if writer is not None:  # process 0 reports for all hosts
-                        writer.write(metrics)
-                        if on_step is not None:
-                            on_step(metrics)
+                    writer.write(metrics)
+                    if on_step is not None and jax.process_index() == 0:  # process 0 reports for all hosts
+                        on_step(metrics)
                     if self.step % rl.save_every == 0 or self.step == rl.steps or self._stop:
                         self._phase("checkpoint")
                         self.save()
@@ -486,8 +485,7 @@ class RLTrainer:
                         raise Preempted(f"SIGTERM: saved step {self.step} to {self.checkpointer.directory}")
         finally:
             signal.signal(signal.SIGTERM, previous)
-            if writer is not None:
-                writer.close()
+            writer.close()
         return self.history
 
     def _on_sigterm(self, signum, frame) -> None:

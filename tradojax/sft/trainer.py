@@ -39,8 +39,8 @@ from tradojax.config import Config, TrainConfig, to_dict
 from tradojax.metrics import MetricWriter
 from tradojax.models.transformer import Decoder
 from tradojax.ops.masks import BlockAlignment
-from tradojax.rl.traces import trace_rounds
 from tradojax.parallel.sharding import place_state, shard_batch, shard_params
+from tradojax.rl.traces import trace_rounds
 from tradojax.sft.batches import BatchPlan, PlannedBatch, assign_buckets
 from tradojax.sft.config import SFTConfig
 from tradojax.sft.losses import full_sft_loss
