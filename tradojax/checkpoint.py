@@ -33,6 +33,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or written; the message names the directory or file."""
 
 
+class Preempted(Exception):
+    """SIGTERM (a preempted VM): the trainer finished its step, saved it, and stopped; resume continues."""
+
+
 def _abstract(tree: Any) -> Any:
     def one(x):
         if isinstance(x, jax.ShapeDtypeStruct):

@@ -27,7 +27,8 @@ def rl_main(argv: list[str]) -> int:
     from tradojax.data.tokenizer import tokenizer_from_name
     from tradojax.models.loading import load_policy
     from tradojax.parallel.mesh import make_mesh
-    from tradojax.rl.loop import Preempted, RLTrainer
+    from tradojax.checkpoint import Preempted
+    from tradojax.rl.loop import RLTrainer
 
     workdir = Path(args.workdir or config.experiment.workdir)
     mesh = make_mesh(config.mesh)
@@ -38,8 +39,12 @@ def rl_main(argv: list[str]) -> int:
         from tradojax.sft.warm_start import warm_start
 
         print(f"warm start: {config.warm_start.steps} SFT steps before RL (in {workdir / 'warm_start'})", flush=True)
-        policy, _ = warm_start(config, policy, tokenizer, train_tasks, workdir=workdir / "warm_start",
-                               resume=args.resume, mesh=mesh, log=lambda line: print(line, flush=True))
+        try:
+            policy, _ = warm_start(config, policy, tokenizer, train_tasks, workdir=workdir / "warm_start",
+                                   resume=args.resume, mesh=mesh, log=lambda line: print(line, flush=True))
+        except Preempted as stop:
+            print(stop)
+            return 0
     trainer = RLTrainer(config, policy, tokenizer, workdir=workdir, train_tasks=train_tasks,
                         eval_tasks=load_tasks(config.data, "eval"), mesh=mesh)
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tradojax.checkpoint import TrainCheckpointer
+from tradojax.checkpoint import Preempted, TrainCheckpointer
 from tradojax.config import Config, ConfigError, to_dict
 from tradojax.data.tasks import task_kind
 from tradojax.metrics import MetricWriter
@@ -168,10 +168,6 @@ def _chunked(fn, graphdef, params, rows: Rows, batch_size: int, place: Callable)
 # ----------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------
-
-
-class Preempted(Exception):
-    pass
 
 
 class RLTrainer:

@@ -34,7 +34,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from tradojax.checkpoint import CheckpointError, TrainCheckpointer
+from tradojax.checkpoint import CheckpointError, Preempted, TrainCheckpointer
 from tradojax.config import Config, TrainConfig, to_dict
 from tradojax.metrics import MetricWriter
 from tradojax.models.transformer import Decoder
@@ -59,10 +59,6 @@ class SFTPair:
     prompt: tuple[int, ...]
     response: tuple[int, ...]
     trace: tuple[int, ...] | None = None
-
-
-class Preempted(Exception):
-    """SIGTERM during SFT: the step finished and was saved; resume with `resume=True`."""
 
 
 def lengths_for(pairs: Sequence[SFTPair], config: Config) -> tuple[int, int]:
