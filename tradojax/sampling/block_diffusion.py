@@ -591,13 +591,18 @@ class BlockDiffusionSampler:
         self.sampling = sampling
         self.mesh = mesh
         self.cached = cached
-        self.graphdef, params = nnx.split(model)
-        self.params = self._place(params)
+        self.graphdef, self._model_params = nnx.split(model)
         self.batch_axes: tuple[str, ...] = ()
         self.data_parallel = 1
         if mesh is not None:
             self.batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
             self.data_parallel = math.prod(mesh.shape[a] for a in self.batch_axes)
+
+    @functools.cached_property
+    def params(self) -> nnx.State:
+        """The model's own weights as the sampler streams them, placed on first use: a caller that
+        always passes `generate(params=...)` (the RL loop) never holds this extra copy."""
+        return self._place(self._model_params)
 
     def _place(self, params: nnx.State) -> nnx.State:
         params = rollout_params(params, self.model_config)
