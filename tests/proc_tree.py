@@ -1,21 +1,11 @@
 """/proc helpers shared by the reward tests (no psutil needed)."""
 
-import os
+from tradojax.rewards.sandbox import live_parents
 
 
 def descendants(root: int) -> set[int]:
     """Live descendants of `root`, from /proc."""
-    parent_of: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] not in (b"Z", b"X"):
-            parent_of[int(name)] = int(fields[1])
+    parent_of = live_parents()
     found: set[int] = set()
     frontier = {root}
     while frontier:

@@ -890,8 +890,9 @@ def _count_processes_of_uid(uid: int) -> int:
     return sum(1 for _, puid, state in _iter_processes() if puid == uid and state != "Z")
 
 
-def _children_of(parent: int) -> list[int]:
-    children = []
+def live_parents() -> dict[int, int]:
+    """{pid: parent pid} of every live (not zombie or dead) process, from /proc."""
+    parent_of = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -900,9 +901,13 @@ def _children_of(parent: int) -> list[int]:
                 fields = handle.read().rsplit(b")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[1]) == parent and fields[0] not in (b"Z", b"X"):
-            children.append(int(name))
-    return children
+        if fields[0] not in (b"Z", b"X"):
+            parent_of[int(name)] = int(fields[1])
+    return parent_of
+
+
+def _children_of(parent: int) -> list[int]:
+    return [pid for pid, ppid in live_parents().items() if ppid == parent]
 
 
 def _kill_and_reap_children(timeout_s: float = 2.0) -> None:
