@@ -226,3 +226,11 @@ def test_value_model_fits_learnable_returns():
         params, opt_state, _ = step(params, opt_state, rows,
                                           {"old_values": old_values, "returns": jnp.asarray(returns, jnp.float32)})
     assert explained_variance() > 0.8
+
+
+def test_batch_size_must_split_over_the_data_parallel_devices(tmp_path, tokenizer):
+    from tradojax.config import ConfigError, MeshConfig
+    from tradojax.parallel.mesh import make_mesh
+
+    with pytest.raises(ConfigError, match="train.batch_size=4 .* data-parallel size 8"):
+        make_trainer(tmp_path, tokenizer, ["train.batch_size=4"], mesh=make_mesh(MeshConfig(data=8)))
