@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures
+import random
 import time
 
 import pytest
 
-from tradojax.rewards import RewardResult
+from tradojax.rewards import RewardPool, RewardResult, score_responses
 from tradojax.rewards.math import (
     NO_ANSWER,
     answers_match,
@@ -266,3 +267,131 @@ def test_pathological_latex_is_fast(name: str) -> None:
     elapsed = time.monotonic() - start
     assert elapsed < budget + 3.0, f"{name} took {elapsed:.1f} s"
     assert result.score == (1.0 if name == "megabyte_prefix" else 0.0), result.reason
+
+
+# -- linear time on adversarial input ----------------------------------------------------------
+
+
+def _adversarial_answers(rng: random.Random, depth: int, length: int) -> list[str]:
+    """Answer-side (or ground-truth-side) strings built to defeat a naive normaliser or parser."""
+    letters = "".join(rng.choice("abcxyz") for _ in range(8))
+    return [
+        "{" * depth + "1" + "}" * depth,  # quadratic brace peeling, before the fix
+        "{" * depth + " 1",  # unbalanced
+        "}" * depth + "{" * depth,
+        "\\text{" * depth + letters + "}" * depth,  # one unwrap pass per level
+        "\\frac{1}{" * (depth // 10) + "2" + "}" * (depth // 10),
+        "\\sqrt{" * (depth // 10) + "2" + "}" * (depth // 10),
+        "\\left(" * depth + "x" + "\\right)" * depth,
+        "(" * depth + "1" + ")" * depth,
+        "[" * depth + "]" * depth,
+        "\\begin{pmatrix}" + "{" * depth + "1&2" + "}" * depth + "\\end{pmatrix}",
+        "1" * length + "x",  # "\d+\.?\d*": an ambiguous split backtracks quadratically
+        "a" * length + "1",  # "[A-Za-z]+[A-Za-z ]*" likewise
+        "1 " * (length // 2) + "cm!",  # the trailing-unit pattern's lazy prefix
+        "x = " * (length // 4) + "3",
+        "1," * (length // 2) + "000",
+        "0." + "3" * length + "\\overline{3}",
+        "\\frac" * (length // 5) + "12",
+        "\\sqrt" * (length // 5) + "2",
+        "\\!\\,\\;~$" * (length // 10) + "7",
+        "\u2212\u00b0\u221a" * (length // 3),
+        "\\boxed{" * (length // 7),
+        "e" + "1" * length + "e" + "9" * 50,
+        "1e" + "9" * 60,
+        "1e" + "9" * 5000,  # int() refuses over 4300 digits
+        "1." + "1" * 5000 + "\\overline{3}",
+        "\\\\" * length,
+        "9^{9^{9^{9}}}",  # sympy would evaluate for minutes: the budget decides
+        "(x+y+z)^{" + str(rng.randint(150, 300)) + "}",
+        "\\binom{10^{9}}{10^{5}}",
+    ]
+
+
+def _adversarial_items(count: int, seed: int) -> tuple[list[dict], list[str]]:
+    rng = random.Random(seed)
+    pairs = []
+    while len(pairs) < count:
+        bad = _adversarial_answers(rng, rng.choice([30, 300, 3000, 30_000]),
+                                   rng.choice([900, 2_000, 20_000, 200_000]))
+        for text in bad:
+            side = rng.random()
+            if side < 0.4:  # adversarial answer, ordinary ground truth
+                pairs.append((f"so \\boxed{{{text}}}", rng.choice(["\\frac{1}{2}", "3", "x+1"])))
+            elif side < 0.8:  # ordinary answer, adversarial ground truth
+                pairs.append(("the answer is \\boxed{3}", text))
+            else:  # both
+                pairs.append((f"\\boxed{{{text}}} " * rng.randint(1, 3), rng.choice(bad)))
+    # Only a few items may spend the whole budget in math-verify: keep the sympy bombs rare.
+    slow = ("9^{9^{9^{9}}}", "(x+y+z)^", "\\binom{10^{9}}")
+    kept, slow_kept = [], 0
+    for response, truth in pairs:
+        is_slow = any(s in response or s in truth for s in slow)
+        if is_slow:
+            if slow_kept >= count // 100:
+                continue
+            slow_kept += 1
+        kept.append((response, truth))
+    while len(kept) < count:
+        kept.append(("\\boxed{" + "{" * 5000, "{" * 5000 + "1" + "}" * 5000))
+    kept = kept[:count]
+    rng.shuffle(kept)
+    return [{"question": "q", "ground_truth_answer": t} for _, t in kept], [r for r, _ in kept]
+
+
+def test_normalisation_is_linear_in_depth_and_length() -> None:
+    # ~100k characters per input: a quadratic step would take minutes, a linear one a second.
+    for text in _adversarial_answers(random.Random(1), depth=50_000, length=100_000):
+        start = time.monotonic()
+        normalize_answer(text)
+        extract_boxed_answer("\\boxed{" + text + "}")
+        elapsed = time.monotonic() - start
+        assert elapsed < 2.0, f"{text[:40]!r}... took {elapsed:.2f} s"
+
+
+def test_deep_ground_truth_is_guarded() -> None:
+    # The issue's case: a ground truth of 3000 nested braces took ~7 s per response.
+    start = time.monotonic()
+    result = score_math("\\boxed{1}", "{" * 3000 + "1" + "}" * 3000)
+    assert time.monotonic() - start < 1.0
+    assert result.score == 0.0 and "ground truth too long" in result.reason
+    # Within the size guard, deep braces still normalise (linearly) to the same answer.
+    assert score_math("\\boxed{1}", "{" * 400 + "1" + "}" * 400).score == 1.0
+    assert normalize_answer("{" * 100_000 + " 1 " + "}" * 100_000) == "1"
+
+
+def test_math_verify_timeout_is_its_own_reason() -> None:
+    # sympy expands this for far longer than the budget: undecided, not "not equal".
+    result = score_math("\\boxed{(x+y+z)^{250}}", "1", time_budget_s=1.5)
+    assert result.score == 0.0
+    assert "not shown equal within the 1.5 s budget" in result.reason, result.reason
+    assert result.details["timed_out"] is True
+    assert result.details["elapsed_s"] < 4.0
+    quick = score_math("\\boxed{2}", "1", time_budget_s=1.5)
+    assert quick.details["timed_out"] is False and "not equal" in quick.reason
+
+
+@pytest.mark.slow
+def test_thousand_adversarial_items_through_the_pool() -> None:
+    # Through the RL loop's path (a RewardPool): every item finishes inside its own budget,
+    # so the pool's hard limit never fires and no worker is killed.
+    items, responses = _adversarial_items(1000, seed=16)
+    limit_s = 3.0
+    budget_s = 0.6 * limit_s  # what the pool gives score_math
+    start = time.monotonic()
+    with RewardPool(2, math_time_limit_s=limit_s) as pool:
+        results = score_responses(items, responses, "math", pool=pool)
+        replaced = pool.workers_replaced
+    wall = time.monotonic() - start
+    assert len(results) == 1000
+    assert replaced == 0
+    assert not [r.reason for r in results if "worker" in r.reason or "verifier" in r.reason]
+    timed_out = [r for r in results if r.details["timed_out"]]
+    # Undecided within the budget: sympy bombs and ~900-character garbage that math-verify
+    # parses as huge products; the size guards stop everything longer before any parsing.
+    assert 10 <= len(timed_out) <= 100, [r.reason for r in timed_out]
+    for result in results:
+        # Loose enough for a loaded 2-core box: the budget plus signal.alarm's 1 s granularity.
+        limit = budget_s + 1.5 if result.details["timed_out"] else 2.0
+        assert result.details["elapsed_s"] < limit, (result.reason, result.details["elapsed_s"])
+    assert wall < 300, f"1000 items took {wall:.0f} s"

@@ -145,12 +145,16 @@ _TRAILING_UNIT = re.compile(
 )
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*"
                            r"\{([^{}]*)\}")
+_MAX_EXACT_DIGITS = 400  # exact Fractions beyond this many digits are not worth building
+# Real answers nest \text at most a few deep; a fixed pass count keeps deeper input linear.
+_MAX_UNWRAP_PASSES = 8
 _THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _SHORT_ASSIGNMENT = re.compile(r"^\s*[A-Za-z](?:_\{?\w\}?|\w)?\s*=\s*(?P<value>[^=]+)$")
 _INT_FRACTION = re.compile(r"^(-?)(\d+)/(\d+)$")
 _REPEATING = re.compile(r"^(-?)(\d*)\.(\d*)\\overline\{(\d+)\}$")
 _VECTOR_ENV = re.compile(r"^\\begin\{([pbv]?matrix)\}(.*)\\end\{\1\}$", re.DOTALL)
-_NUMBER = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?$", re.IGNORECASE)
+# Unambiguous alternatives (no "\d+\.?\d*"): an ambiguous split backtracks quadratically.
+_NUMBER = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?$", re.IGNORECASE)
 _BRACED_FRACTION = re.compile(r"^(-?)\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}$")
 
 
@@ -184,10 +188,31 @@ def _fraction_latex(value: Fraction) -> str:
     return f"{sign}\\frac{{{abs(value.numerator)}}}{{{value.denominator}}}"
 
 
+def _brace_partners(text: str) -> dict[int, int]:
+    """For every balanced ``{`` (escapes skipped as in `_matching_brace_end`): index -> end."""
+    partners, open_indices = {}, []
+    for match in _BRACE_TOKEN.finditer(text):
+        token = match.group()
+        if token == "{":
+            open_indices.append(match.start())
+        elif token == "}" and open_indices:
+            partners[open_indices.pop()] = match.end()
+    return partners
+
+
 def _strip_outer_braces(text: str) -> str:
-    while text.startswith("{") and _matching_brace_end(text, 0) == len(text):
-        text = text[1:-1].strip()
-    return text
+    """``{{ x }}`` -> ``x``: one pass over the braces, so linear in length and depth."""
+    if not text.startswith("{"):
+        return text
+    partners = _brace_partners(text)
+    start, end = 0, len(text)
+    while start < end and text[start] == "{" and partners.get(start) == end:
+        start, end = start + 1, end - 1
+        while start < end and text[start].isspace():
+            start += 1
+        while end > start and text[end - 1].isspace():
+            end -= 1
+    return text[start:end]
 
 
 def normalize_answer(answer: str) -> str:
@@ -216,10 +241,11 @@ def normalize_answer(answer: str) -> str:
         if unit and unit.group("value").strip():
             text = unit.group("value").strip()
     text = re.sub(r"\\\\", r"\\", text)
-    previous = None
-    while previous != text:  # unwrap nested \text{...}
-        previous = text
-        text = _TEXT_WRAPPER.sub(r"\1", text)
+    for _ in range(_MAX_UNWRAP_PASSES):  # unwrap nested \text{...}, innermost first
+        unwrapped = _TEXT_WRAPPER.sub(r"\1", text)
+        if unwrapped == text:
+            break
+        text = unwrapped
     text = text.strip()
     choice = re.fullmatch(r"\(\s*([A-Ea-e])\s*\)", text)
     if choice:
@@ -237,10 +263,10 @@ def normalize_answer(answer: str) -> str:
     fraction = _INT_FRACTION.match(text)
     if fraction:
         text = f"{fraction.group(1)}\\frac{{{fraction.group(2)}}}{{{fraction.group(3)}}}"
-    repeating = _REPEATING.match(text)
-    if repeating:
+    repeating = _REPEATING.match(text) if len(text) <= _MAX_EXACT_DIGITS else None
+    if repeating:  # (longer: int() refuses over 4300 digits, and no real answer has them)
         text = _repeating_decimal(repeating)
-    if re.fullmatch(r"[A-Za-z]+(?:[A-Za-z ]*)", text):
+    if re.fullmatch(r"[A-Za-z][A-Za-z ]*", text):
         text = text.lower()
     return text
 
@@ -249,7 +275,8 @@ def _as_number(text: str) -> Fraction | None:
     """Exact value of a normalised plain number or numeric ``\\frac``, else None."""
     if _NUMBER.match(text):
         exponent = re.search(r"e([-+]?\d+)$", text, re.IGNORECASE)
-        if exponent and abs(int(exponent.group(1))) > 400:
+        if exponent and (len(exponent.group(1)) > 5
+                         or abs(int(exponent.group(1))) > _MAX_EXACT_DIGITS):
             return None  # "1e999999999" would build a gigantic exact integer
         try:
             return Fraction(text)
@@ -283,8 +310,15 @@ def _nesting_depth(text: str) -> int:
 
 
 def _math_verify_equal(gold: str, prediction: str, deadline: float) -> bool | None:
-    """math-verify's verdict, or None when the time budget ran out first."""
+    """math-verify's verdict, or None when the time budget ran out before it could decide.
+
+    math-verify swallows its own timeouts (a parse that times out reads as "nothing parsed",
+    a comparison as "not equal"); with ``raise_on_error`` they reach us and count as undecided.
+    Each (gold, prediction) parse pair is verified on its own so that one pair raising does not
+    hide another that matches (as math-verify's own loop over the pairs does).
+    """
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    from math_verify.errors import TimeoutException
 
     in_main_thread = threading.current_thread() is threading.main_thread()
 
@@ -298,17 +332,31 @@ def _math_verify_equal(gold: str, prediction: str, deadline: float) -> bool | No
     config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
     try:
         gold_parsed = parse("\\boxed{" + gold + "}", extraction_config=config,
-                            parsing_timeout=seconds_left())
+                            parsing_timeout=seconds_left(), raise_on_error=True)
         pred_parsed = parse("\\boxed{" + prediction + "}", extraction_config=config,
-                            parsing_timeout=seconds_left())
-        if not gold_parsed or not pred_parsed:
-            return False
-        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=seconds_left()))
-    except TimeoutError:
+                            parsing_timeout=seconds_left(), raise_on_error=True)
+    except (TimeoutError, TimeoutException):
         return None
     except Exception:  # noqa: BLE001 - math-verify/sympy can raise almost anything
-        logger.debug("math-verify failed on %r vs %r", prediction, gold, exc_info=True)
+        logger.debug("math-verify could not parse %r or %r", prediction, gold, exc_info=True)
         return False
+    timed_out = False
+    for gold_item in gold_parsed:
+        for pred_item in pred_parsed:
+            try:
+                if verify(gold_item, pred_item, timeout_seconds=seconds_left(),
+                          raise_on_error=True):
+                    return True
+            except TimeoutError:
+                return None  # the budget is spent: no pair left can be tried
+            except TimeoutException:
+                timed_out = True
+            except Exception:  # noqa: BLE001
+                logger.debug("math-verify failed on %r vs %r", prediction, gold, exc_info=True)
+    return None if timed_out else False
+
+
+TIMED_OUT = "not shown equal within the"  # start of the reason when the budget ran out
 
 
 def answers_match(
@@ -319,7 +367,13 @@ def answers_match(
     max_answer_chars: int = 1000,
     max_nesting: int = 24,
 ) -> tuple[bool, str]:
-    """Whether an extracted answer equals the ground truth; returns (verdict, method/why)."""
+    """Whether an extracted answer equals the ground truth; returns (verdict, method/why).
+
+    Linear in the length and nesting of both strings up to the symbolic stage; answers or
+    ground truths longer than `max_answer_chars` are not compared at all, and either nested
+    deeper than `max_nesting` is compared by normalised string only. When math-verify runs out
+    of `time_budget_s` the reason starts with `TIMED_OUT` (undecided, not "not equal").
+    """
     if prediction is None or prediction == NO_ANSWER:
         return False, "no answer extracted"
     if not prediction.strip():
@@ -327,6 +381,9 @@ def answers_match(
     deadline = time.monotonic() + time_budget_s
     if len(prediction) > max_answer_chars:
         return False, f"answer too long ({len(prediction)} > {max_answer_chars} characters)"
+    if len(ground_truth) > max_answer_chars:
+        return False, (f"ground truth too long ({len(ground_truth)} > {max_answer_chars} "
+                       "characters): not compared")
     norm_pred, norm_truth = normalize_answer(prediction), normalize_answer(ground_truth)
     if norm_pred == norm_truth:
         return True, "equal after normalisation"
@@ -335,8 +392,6 @@ def answers_match(
         return True, "equal as numbers"
     if max(_nesting_depth(prediction), _nesting_depth(ground_truth)) > max_nesting:
         return False, f"not equal (nesting deeper than {max_nesting}: string comparison only)"
-    if len(ground_truth) > max_answer_chars:
-        return False, "not equal (ground truth too long for symbolic comparison)"
     attempts = [(ground_truth, prediction)]
     if (norm_truth, norm_pred) != (ground_truth, prediction) and norm_truth and norm_pred:
         attempts.append((norm_truth, norm_pred))
@@ -347,7 +402,7 @@ def answers_match(
             return True, "equal by math-verify"
         timed_out = timed_out or verdict is None
     if timed_out:
-        return False, f"not shown equal within the {time_budget_s:g} s budget"
+        return False, f"{TIMED_OUT} {time_budget_s:g} s budget"
     return False, "not equal"
 
 
@@ -375,6 +430,7 @@ def score_math(
         raise TypeError(f"response must be a str, got {type(response).__name__}")
     if not isinstance(ground_truth, str):
         raise TypeError(f"ground_truth must be a str, got {type(ground_truth).__name__}")
+    started = time.monotonic()
     extracted = extract_boxed_answer(response)
     truncated = (response_length is not None and max_tokens is not None
                  and response_length >= max_tokens - TRUNCATION_MARGIN)
@@ -387,7 +443,8 @@ def score_math(
                                       max_answer_chars=max_answer_chars)
     details = {"extracted": extracted if extracted is not None else NO_ANSWER,
                "ground_truth": ground_truth, "method": method, "raw_correct": equal,
-               "truncated": truncated}
+               "truncated": truncated, "timed_out": method.startswith(TIMED_OUT),
+               "elapsed_s": round(time.monotonic() - started, 4)}
     if truncated:
         reason = (f"truncated: response_length {response_length} >= max_tokens - "
                   f"{TRUNCATION_MARGIN} = {max_tokens - TRUNCATION_MARGIN} (answer {method})")
