@@ -7,5 +7,5 @@ def get_config():
     config = rl_4b()
     config.experiment.name = "rl_sdar_code"
     config.experiment.workdir = "runs/rl_sdar_code"
-    config.data = dict(train="PrimeIntellect.json", eval="LiveCodeBench.json", kind="code")
+    config.data = dict(train="PrimeIntellect.json", eval="LiveCodeBench.json", kind="code", strip_final_newline=True)
     return config

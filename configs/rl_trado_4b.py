@@ -14,7 +14,7 @@ def get_config():
     config.sampling.update(dict(block_size=4, denoising_steps=4, temperature=1.0, top_k=0, top_p=1.0,
                                 remasking_strategy="low_confidence_dynamic", dynamic_threshold=0.9,
                                 max_new_tokens=2000, prompt_buckets=[256, 512, 784]))
-    config.data = dict(train="MATH_train.json", eval="MATH500.json", kind="math")
+    config.data = dict(train="MATH_train.json", eval="MATH500.json", kind="math", strip_final_newline=True)
     config.train = dict(
         steps=100_000,  # optimizer updates over the whole run (the schedule's horizon)
         batch_size=256,  # rows per update: batch_size_lm 1 x 8 GPUs x GAS 32 in the original

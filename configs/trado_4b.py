@@ -37,6 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.sampling = dict(block_size=4, denoising_steps=4, temperature=1.0, top_k=0, top_p=1.0,
                            remasking_strategy="low_confidence_dynamic", dynamic_threshold=0.9,
                            max_new_tokens=2000)
+    # prompts end in "<|im_start|>assistant" as the original renders them (TraDo's training text)
+    config.data = dict(strip_final_newline=True)
     config.hf_checkpoint = None
     config.tokenizer = "qwen3"
     return config

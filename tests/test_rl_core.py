@@ -183,3 +183,95 @@ def test_trace_rounds_of_a_block_4_rollout_trained_at_block_8():
                                                      [3, 4, 5, 6, 7], [4, 5, 6, 7], [4, 6, 7]]
     # the same trace at b = 4 trains both decode blocks in each round: 3 rows instead of 5
     assert len(trace_rounds(TRACE, 6, response_length=8, prompt_length=8, block_size=4)) == 3
+
+
+# ------------------------------------------------------------------ parity with the original (issue 14)
+
+
+def test_a_generated_eos_equal_to_pad_is_a_pad_never_trained_with_post_num_0():
+    """Spec 3.3: the original filters `input_ids == pad_id` out of p_mask (post_num = 0), and for TraDo
+    EOS == pad, so the EOS is never trained; post_num = 1 trains it (the first pad). The EOS keeps its
+    own step: it is masked in the noisy copies of its rounds like any token."""
+    # TRACE's 6th token (position 5, step 4) is the EOS
+    rounds = trace_rounds(TRACE, 6, response_length=8, prompt_length=4, block_size=4, ends_with_pad=True)
+    assert [positions(r.trained) for r in rounds] == [[1, 2], [0, 4], [3]]
+    assert [positions(r.noisy) for r in rounds] == [[0, 1, 2, 3, 4, 5, 6, 7], [0, 3, 4, 6, 7], [3, 6, 7]]
+    rounds = trace_rounds(TRACE, 6, response_length=8, prompt_length=4, block_size=4, ends_with_pad=True,
+                          post_num=1)
+    assert [positions(r.trained) for r in rounds] == [[1, 2, 5], [0, 4], [3]]
+
+
+def test_value_reward_lands_on_the_last_step_before_the_eos():
+    """Sequential decoding (steps 1..6), the 6th token an EOS == pad: the outcome reward sits on the
+    last trainable step, 5 (position 4), not on the EOS's step 6."""
+    trace = np.arange(1, 7)
+    rounds = trace_rounds(trace, 6, response_length=8, prompt_length=4, block_size=4, ends_with_pad=True)
+    trainable = np.logical_or.reduce([r.trained for r in rounds])
+    np.testing.assert_array_equal(outcome_token_rewards(1.5, rounds[0].steps, trainable), [0, 0, 0, 0, 1.5, 0, 0, 0])
+    rounds = trace_rounds(trace, 6, response_length=8, prompt_length=4, block_size=4)  # an EOS != pad is trained
+    trainable = np.logical_or.reduce([r.trained for r in rounds])
+    np.testing.assert_array_equal(outcome_token_rewards(1.5, rounds[0].steps, trainable), [0, 0, 0, 0, 0, 1.5, 0, 0])
+
+
+def test_step_rows_leave_a_pad_eos_out_of_the_loss():
+    from tradojax.config import Config, SamplingConfig, TrainConfig
+    from tradojax.rl.loop import build_step_rows
+
+    config = Config(sampling=SamplingConfig(max_new_tokens=8), train=TrainConfig(batch_size=4))
+    pad = config.model.pad_token_id
+    rng = np.random.default_rng(0)
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
+    responses = [[40, 41, 42, pad], [43, 44, 45, 46, 47]]  # the first ends with EOS (== pad), the second is cut
+    traces = [np.array([1, 2, 3, 4]), np.array([2, 1, 3, 4, 5])]
+    step = build_step_rows(config, prompts, responses, traces, 4, rng)
+    per_response = [[positions(m) for m, r in zip(step.rows.loss_mask, step.response[: step.num_real]) if r == i]
+                    for i in (0, 1)]
+    # the second response: block 1 (positions 0-3) steps 2, 1, 3, 4; block 2 starts with step 5
+    assert per_response == [[[0], [1], [2]], [[1, 4], [0], [2], [3]]]
+    config = Config(sampling=SamplingConfig(max_new_tokens=8), train=TrainConfig(batch_size=4, post_num=1))
+    step = build_step_rows(config, prompts[:1], responses[:1], traces[:1], 4, rng)
+    assert [positions(m) for m in step.rows.loss_mask[: step.num_real]] == [[0], [1], [2], [3]]
+
+
+def test_loss_divisor_is_the_steps_longest_response_capped():
+    """The original divides each row's sum by L1 = min(longest response of the step, max_gen_length):
+    here rows are padded to 6 (max_new_tokens) and the longest kept response has 4 tokens."""
+    from tradojax.config import Config, RLConfig, TrainConfig
+    from tradojax.rl.loop import step_loss_scale
+
+    config = Config(train=TrainConfig(max_response_len=2000))
+    assert step_loss_scale(config, np.array([2, 4, 3]), 6) == pytest.approx(6 / 4)
+    capped = Config(train=TrainConfig(max_response_len=3))
+    assert step_loss_scale(capped, np.array([2, 4, 3]), 6) == pytest.approx(6 / 3)
+    tokens = Config(train=TrainConfig(loss_normalization="tokens"))
+    assert step_loss_scale(tokens, np.array([2, 4, 3]), 6) == 1.0
+    original_gas = Config(rl=RLConfig(original_accumulation_steps=4))
+    assert step_loss_scale(original_gas, np.array([2, 4, 3]), 6) == pytest.approx(6 / 4 / 4)
+
+    # the loss with the scaled row weights equals the hand formula with L1 = 4
+    rng = np.random.default_rng(1)
+    logp = rng.uniform(-3, -0.1, size=(2, 6))
+    old = logp + rng.normal(0, 0.3, size=(2, 6))
+    adv = np.array([0.7, -1.3])
+    mask = np.array([[1, 1, 0, 1, 0, 0], [0, 1, 1, 0, 0, 0]], bool)
+    scale = step_loss_scale(config, np.array([2, 4, 3]), 6)
+    loss, _ = policy_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask),
+                          jnp.full(2, 6.0), clip_eps=0.2, beta=0.01, row_weights=jnp.full(2, scale))
+    ratio = np.exp(np.clip(logp - old, -10, 10))
+    g = np.minimum(ratio * adv[:, None], np.clip(ratio, 0.8, 1.2) * adv[:, None])
+    d = logp - old
+    k3 = np.exp(np.clip(-d, -10, 10)) - 1 + d
+    expected = -np.mean((g * mask).sum(1) / 4) + 0.01 * np.mean((k3 * mask).sum(1) / 4)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_update_batches_and_the_originals_partial_last_batch():
+    """10 rows, batches of 4 (padded to 12): 3 updates, the last the mean over its 2 real rows; the
+    original (DeepSpeed's accumulation boundary) does not apply that partial batch."""
+    from tradojax.rl.loop import update_batches
+
+    rows = np.arange(12)
+    assert [b.tolist() for b in update_batches(rows, 4, 10, drop_partial=False)] == [[0, 1, 2, 3], [4, 5, 6, 7],
+                                                                                     [8, 9, 10, 11]]
+    assert [b.tolist() for b in update_batches(rows, 4, 10, drop_partial=True)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert len(update_batches(rows, 4, 12, drop_partial=True)) == 3

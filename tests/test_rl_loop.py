@@ -234,3 +234,80 @@ def test_batch_size_must_split_over_the_data_parallel_devices(tmp_path, tokenize
 
     with pytest.raises(ConfigError, match="train.batch_size=4 .* data-parallel size 8"):
         make_trainer(tmp_path, tokenizer, ["train.batch_size=4"], mesh=make_mesh(MeshConfig(data=8)))
+
+
+# ------------------------------------------------------------------ parity with the original (issue 14)
+
+
+def test_value_model_trains_on_the_originals_1_based_steps(tmp_path, tokenizer):
+    """The original trains the value model when `current_epoch % train_value_every == 0`, epochs
+    counted from 1: with every = 2, at step 2 and not at step 1."""
+    trainer = make_trainer(tmp_path, tokenizer, ["rl.steps=2", "rl.value_model=True", "rl.train_value_every=2"])
+    first, second = trainer.run()
+    assert "value_loss" not in first and np.isfinite(second["value_loss"])
+
+
+def test_prompts_longer_than_max_prompt_len_are_not_trained(tmp_path, tokenizer):
+    probe = make_trainer(tmp_path, tokenizer, ["rl.steps=1"], "probe")
+    tasks = probe.task_sampler.step_tasks(0)
+    lengths = [len(probe.prompt_ids(i, t)) for i, t in zip(tasks.task_indices, tasks.tasks)]
+    limit = min(lengths)
+    expected = 2 * sum(n > limit for n in lengths)  # 2 responses per task
+    trainer = make_trainer(tmp_path, tokenizer, ["rl.steps=1", f"train.max_prompt_len={limit}"])
+    (metrics,) = trainer.run()
+    assert metrics["dropped_long_prompts"] == expected
+    assert 0 < expected < 2 * len(lengths)  # this step's prompts differ in length
+    assert metrics["updates"] >= 1
+
+
+def test_rl_prompts_follow_data_strip_final_newline(tmp_path, tokenizer):
+    from tradojax.data.templates import math_prompt
+
+    trainer = make_trainer(tmp_path, tokenizer, ["data.strip_final_newline=True"])
+    task = trainer.train_tasks[0]
+    stripped = math_prompt(tokenizer, task.question, strip_final_newline=True)
+    assert stripped.text.endswith("<|im_start|>assistant")
+    assert trainer.prompt_ids(0, task) == list(stripped.token_ids)
+    assert list(stripped.token_ids) != list(math_prompt(tokenizer, task.question).token_ids)
+
+
+def test_eval_applies_no_truncation_penalty_unless_asked(monkeypatch, tokenizer):
+    """The original's eval accuracy is the raw correctness: a right answer that fills the whole
+    generation budget counts (accuracy 1); `eval.truncation_penalty=True` scores it 0, as RL does."""
+    import dataclasses as dc
+
+    from tradojax import evaluation
+    from tradojax.config import Config, EvalConfig, SamplingConfig
+    from tradojax.data.readers import MathTask
+    from tradojax.sampling import block_diffusion
+
+    answer = tokenizer.encode("so \\boxed{4}", add_special_tokens=False)
+
+    class FakeRollout:
+        def __init__(self, rows):
+            self.prompt_index = np.repeat(np.arange(rows // 2), 2)
+            self.lengths = np.full(rows, len(answer))
+            self.num_steps = np.full(rows, len(answer))
+
+        def to_numpy(self):
+            return self
+
+        def responses(self):
+            return [list(answer)] * len(self.lengths)
+
+    class FakeSampler:
+        def __init__(self, model, sampling, mesh=None):
+            self.sampling = sampling
+
+        def generate(self, prompts, **kwargs):
+            return FakeRollout(len(prompts) * self.sampling.num_samples)
+
+    monkeypatch.setattr(block_diffusion, "BlockDiffusionSampler", FakeSampler)
+    config = Config(sampling=SamplingConfig(max_new_tokens=len(answer)),
+                    eval=EvalConfig(strategies=("low_confidence_static",), top_k=(1,), num_samples=2))
+    tasks = [MathTask(question="2 + 2?", ground_truth_answer="4")]
+    (plain,) = evaluation.evaluate(None, tokenizer, tasks, config)
+    assert plain.accuracy == 1.0
+    penalised = dc.replace(config, eval=dc.replace(config.eval, truncation_penalty=True))
+    (result,) = evaluation.evaluate(None, tokenizer, tasks, penalised)
+    assert result.accuracy == 0.0

@@ -245,6 +245,31 @@ def test_math_prompts_exact(trado):
     assert math_prompt(trado, q, strip_final_newline=True).text == cot.text[:-1]
 
 
+@pytest.mark.parametrize("config_name", ["trado_4b", "trado_8b", "rl_trado_4b", "rl_trado_8b", "rl_trado_4b_value",
+                                         "rl_sdar_code"])
+def test_trado_configs_render_prompts_as_the_original(trado, config_name):
+    """TraDo was trained and evaluated on the original's jinja rendering, which drops the final
+    newline: the TraDo/SDAR configs reproduce it by default (our tiny configs keep the newline)."""
+    from tradojax.config import load_config
+
+    data = load_config(f"configs/{config_name}.py").data
+    assert data.strip_final_newline
+    prompt = task_prompt(trado, CodeTask(question="Echo.", test_method="stdio", test_input=("1",), test_output=("1",))
+                         if data.kind == "code" else _math_task("What is 2 + 2?"),
+                         strip_final_newline=data.strip_final_newline)
+    assert prompt.text.endswith("<|im_end|>\n<|im_start|>assistant")
+    assert prompt.token_ids[-2:] == (151644, 77091)  # "<|im_start|>", "assistant": no "\n" (198)
+    think = math_prompt(trado, "Q", start_with_think=True, strip_final_newline=data.strip_final_newline)
+    assert think.text.endswith("<|im_start|>assistant<think>") and think.token_ids[-1] == 151667
+    assert not load_config("configs/tiny.py").data.strip_final_newline
+
+
+def _math_task(question):
+    from tradojax.data.readers import MathTask
+
+    return MathTask(question=question, ground_truth_answer="4")
+
+
 def test_code_and_option_prompts_exact(trado):
     function_task = CodeTask(
         question="Write add(a, b).", test_method="function", test_list=("assert add(1, 2) == 3",), prefix="def add(a, b):\n"

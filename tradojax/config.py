@@ -217,6 +217,10 @@ class DataConfig:
     synthetic_difficulty: int = 1
     synthetic_kinds: tuple[str, ...] = ()  # () = the arithmetic kinds (tradojax.data.synthetic)
     start_with_think: bool = False
+    # The original renders prompts with jinja2's default keep_trailing_newline=False: they end in
+    # "<|im_start|>assistant", not "assistant\n". TraDo was trained and evaluated on that text, so the
+    # TraDo/SDAR configs set True; our own models keep the chat template's newline.
+    strip_final_newline: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -235,6 +239,9 @@ class EvalConfig:
     num_tasks: int = 0  # 0 = all
     max_new_tokens: int = 0  # 0 = sampling.max_new_tokens
     output: str = ""  # results JSON path ("" = <workdir>/eval.json)
+    # score responses of >= max_new_tokens - 5 tokens as wrong, as in RL rewards; the original's
+    # eval does not (its accuracy is the raw correctness)
+    truncation_penalty: bool = False
 
     def __post_init__(self) -> None:
         if len(self.strategies) != len(self.top_k) or not self.strategies:
@@ -267,7 +274,11 @@ class RLConfig:
     optimizer_per_step: Literal["keep", "reset", "reset_cosine"] = "keep"
     value_model: bool = False
     value_learning_rate: float = 5e-6
-    train_value_every: int = 1
+    train_value_every: int = 1  # the value model trains at steps (1-based) divisible by this
+    # 0: each update's gradient is the mean over its rows (a partial last batch: over its real rows).
+    # N > 0: the original under DeepSpeed with gradient_accumulation_steps N (spec 3.6): that gradient
+    # divided by N once more, and a last partial batch is not applied.
+    original_accumulation_steps: int = 0
     gamma: float = 1.0
     lam: float = 1.0
     save_every: int = 10
@@ -290,6 +301,8 @@ class RLConfig:
             _fail("rl.value_model", f"the value model needs method='tracerl', got {self.method!r}")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             _fail("rl.gamma", f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        if self.original_accumulation_steps < 0:
+            _fail("rl.original_accumulation_steps", f"must be >= 0 (0 = off), got {self.original_accumulation_steps}")
         if self.value_learning_rate <= 0:
             _fail("rl.value_learning_rate", f"must be > 0, got {self.value_learning_rate}")
 

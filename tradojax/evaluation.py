@@ -62,7 +62,8 @@ def evaluate(
     kind = task_kind(tasks)
     if config.eval.num_tasks:
         tasks = list(tasks)[: config.eval.num_tasks]
-    prompts = [list(task_prompt(tokenizer, t, start_with_think=config.data.start_with_think).token_ids) for t in tasks]
+    prompts = [list(task_prompt(tokenizer, t, start_with_think=config.data.start_with_think,
+                                strip_final_newline=config.data.strip_final_newline).token_ids) for t in tasks]
     items = task_items(tasks)
     k = config.eval.num_samples
     max_new = config.eval.max_new_tokens or config.sampling.max_new_tokens
@@ -78,7 +79,7 @@ def evaluate(
         texts = [tokenizer.decode(r, skip_special_tokens=False) for r in responses]
         row_items = [items[i] for i in rollout.prompt_index]
         scored = score_responses(row_items, texts, kind, pool=pool, response_lengths=rollout.lengths.tolist(),
-                                 max_tokens=max_new)
+                                 max_tokens=max_new if config.eval.truncation_penalty else None)
         correct = np.array([r.correct for r in scored], bool).reshape(len(tasks), k)
         lengths = rollout.lengths.astype(np.float64)
         result = EvalResult(

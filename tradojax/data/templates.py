@@ -7,7 +7,8 @@ ChatML string directly. Downstream code carries the token ids, never re-tokenise
 One quirk of the original, kept as an option: it renders its template strings with jinja2's default
 ``keep_trailing_newline=False``, which silently drops the final newline, so its prompts end in
 ``<|im_start|>assistant`` (or ``assistant<think>``), not ``assistant\\n``. ``strip_final_newline=True``
-reproduces that for parity with models trained on such prompts; the default follows the chat template.
+reproduces that for parity with models trained on such prompts (the TraDo/SDAR configs set
+``data.strip_final_newline=True``); the default follows the chat template.
 """
 
 from __future__ import annotations

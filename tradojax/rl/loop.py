@@ -75,11 +75,14 @@ def build_step_rows(
     alignment = BlockAlignment(train.block_alignment)
     response_length = config.sampling.max_new_tokens
     prompt_ids, response_ids, noisy, trained, origin, rounds = [], [], [], [], [], []
+    pad_id = config.model.pad_token_id
     for r in range(len(responses)):
+        # an EOS equal to the pad id is a pad, trained only through post_num (the original)
+        ends_with_pad = len(responses[r]) > 0 and int(responses[r][-1]) == pad_id
         made = builder(np.asarray(traces[r]), len(responses[r]), response_length=response_length,
                        prompt_length=len(prompts[r]), block_size=train.block_size, shrink=rl.shrink,
                        post_num=train.post_num, alignment=alignment, lower_p=train.lower_p,
-                       upper_p=train.upper_p, rng=rng)
+                       upper_p=train.upper_p, rng=rng, ends_with_pad=ends_with_pad)
         for row in made:
             prompt_ids.append(np.asarray(prompts[r]))
             response_ids.append(np.asarray(responses[r]))
@@ -104,6 +107,33 @@ def build_step_rows(
                      mask_id=config.model.mask_token_id, block_size=train.block_size, alignment=alignment,
                      weights=weights)
     return StepRows(rows=rows, response=np.asarray(origin), rounds=rounds, num_real=num_real)
+
+
+def step_loss_scale(config: Config, kept_lengths: np.ndarray, padded_length: int) -> float:
+    """The factor on every row's weight that makes the update's loss the original's.
+
+    With `train.loss_normalization="padded_length"` the loss divides each row by the rows' padded
+    length (`sampling.max_new_tokens`); the original divides by L1, the step's longest response
+    (of the rows it trains) capped at `train.max_response_len`: the factor padded_length / L1.
+    `rl.original_accumulation_steps = N` divides by N once more (the original's loss is divided by
+    N by the script and again by DeepSpeed: spec 3.6).
+    """
+    scale = 1.0
+    if config.train.loss_normalization == "padded_length":
+        longest = int(np.max(kept_lengths)) if len(kept_lengths) else padded_length
+        scale *= padded_length / max(min(longest, config.train.max_response_len), 1)
+    if config.rl.original_accumulation_steps:
+        scale /= config.rl.original_accumulation_steps
+    return scale
+
+
+def update_batches(tree, batch_size: int, num_real: int, drop_partial: bool) -> list:
+    """The update batches of `tree`'s rows; with `drop_partial` (the original under DeepSpeed's
+    accumulation boundary) a last batch with padding rows is not applied."""
+    batches = list(batch_slices(tree, batch_size))
+    if drop_partial and num_real % batch_size:
+        batches = batches[:-1]
+    return batches
 
 
 def batch_slices(tree, batch_size: int):
@@ -225,7 +255,9 @@ class RLTrainer:
         from tradojax.data.templates import task_prompt
 
         self._prompt_cache: dict[int, list[int]] = {}
-        self._task_prompt = lambda task: list(task_prompt(tokenizer, task, start_with_think=config.data.start_with_think).token_ids)
+        self._task_prompt = lambda task: list(task_prompt(
+            tokenizer, task, start_with_think=config.data.start_with_think,
+            strip_final_newline=config.data.strip_final_newline).token_ids)
         self.step = 0
         self.history: list[dict] = []
         self.checkpointer = TrainCheckpointer(self.workdir / "checkpoints", log=log)
@@ -336,14 +368,21 @@ class RLTrainer:
             "kept_groups": int(keep_groups.sum()),
         }
 
+        # the original trains no response of a prompt longer than train.max_prompt_len
+        prompt_fits = np.array([len(p) <= config.train.max_prompt_len for p in rollout_prompts])
+        metrics["dropped_long_prompts"] = int((~prompt_fits).sum())
+
         clock = time.perf_counter()
         self._phase("value")
-        row_keep = keep[all_rows.response] & (np.arange(len(all_rows.response)) < all_rows.num_real)
+        row_keep = (keep & prompt_fits)[all_rows.response] & (np.arange(len(all_rows.response)) < all_rows.num_real)
         if not row_keep.any():
             self.log(f"step {self.step + 1}: every group filtered out (accuracy {metrics['accuracy']:.3f}); no update")
             metrics |= timings
             return metrics
         step_rows = _select_rows(all_rows, row_keep, config.train.batch_size)
+        scale = step_loss_scale(config, rollout.lengths[step_rows.response[: step_rows.num_real]],
+                                step_rows.rows.response_length)
+        step_rows.rows = dataclasses.replace(step_rows.rows, weights=step_rows.rows.weights * np.float32(scale))
         old_logp = to_host(old_logp_all)[step_rows.source]
         # sampler vs trainer: the same token's log-prob under the rollout and under the row
         sampler_logp = rollout.logprobs[step_rows.response][:, :step_rows.rows.targets.shape[1]]
@@ -371,17 +410,19 @@ class RLTrainer:
         extras = {"old_logp": old_logp, "advantages": row_advantages}
         if ref_logp is not None:
             extras["ref_logp"] = ref_logp
-        batches = [*batch_slices((step_rows.rows, extras), config.train.batch_size)] * rl.epochs_per_step
+        batches = update_batches((step_rows.rows, extras), config.train.batch_size, step_rows.num_real,
+                                 drop_partial=bool(rl.original_accumulation_steps)) * rl.epochs_per_step
         rates = self._step_learning_rates(config.train.learning_rate, len(batches))
         for (rows, extra), rate in zip(batches, rates):
             if rate is not None:
                 self.opt_state = with_learning_rate(self.opt_state, rate)
             self.params, self.opt_state, m = self.policy_step(self.params, self.opt_state, *self.place((rows, extra)))
             update_metrics.append(m)
-        if rates[0] is not None:
+        if rates and rates[0] is not None:
             metrics["learning_rate"] = float(np.mean(rates))
         for name in ("kl", "clip_fraction", "ratio_mean", "pg_loss", "grad_norm"):
-            metrics[name] = float(np.mean([float(m[name]) for m in update_metrics]))
+            if update_metrics:
+                metrics[name] = float(np.mean([float(m[name]) for m in update_metrics]))
         metrics["updates"] = len(update_metrics)
         metrics["rows"] = int(step_rows.num_real)
         timings["update_s"] = time.perf_counter() - clock
@@ -412,19 +453,21 @@ class RLTrainer:
                 returns[m][trained] = ret[trained]
                 token_adv[m][trained] = adv[trained]
         metrics = {}
-        if self.step % rl.train_value_every == 0:
+        if (self.step + 1) % rl.train_value_every == 0:  # the original's 1-based epoch
             losses = []
             extras = {"old_values": old_values, "returns": returns}
             if rl.optimizer_per_step != "keep":
                 self.value_opt_state = self._place_state(self.value_tx.init(self.value_params))
-            batches = list(batch_slices((rows, extras), config.train.batch_size))
+            batches = update_batches((rows, extras), config.train.batch_size, step_rows.num_real,
+                                     drop_partial=bool(rl.original_accumulation_steps))
             for (chunk, extra), rate in zip(batches, self._step_learning_rates(rl.value_learning_rate, len(batches))):
                 if rate is not None:
                     self.value_opt_state = with_learning_rate(self.value_opt_state, rate)
                 self.value_params, self.value_opt_state, m = self.value_step(
                     self.value_params, self.value_opt_state, *self.place((chunk, extra)))
                 losses.append(float(m["value_loss"]))
-            metrics["value_loss"] = float(np.mean(losses))
+            if losses:
+                metrics["value_loss"] = float(np.mean(losses))
         mask = rows.loss_mask
         target, predicted = returns[mask], old_values[mask]
         variance = target.var()

@@ -11,20 +11,20 @@ from typing import Callable
 import numpy as np
 
 from tradojax.ops.masks import BlockAlignment
-from tradojax.rl.traces import TraceRound, trace_rounds
-from tradojax.training.rows import trainable_pads
+from tradojax.rl.traces import TraceRound, trace_rounds, trainable_positions
 
 
 def tracerl_rows(trace, response_tokens, *, response_length, prompt_length, block_size, shrink, post_num,
-                 alignment, lower_p, upper_p, rng) -> list[TraceRound]:
+                 alignment, lower_p, upper_p, rng, ends_with_pad=False) -> list[TraceRound]:
     """TraceRL: one row per (shrunk) decoding round, following the sampler's own order."""
     del lower_p, upper_p, rng
     return trace_rounds(trace, response_tokens, response_length=response_length, prompt_length=prompt_length,
-                        block_size=block_size, shrink=shrink, post_num=post_num, alignment=alignment)
+                        block_size=block_size, shrink=shrink, post_num=post_num, alignment=alignment,
+                        ends_with_pad=ends_with_pad)
 
 
-def _random_mask(response_tokens, response_length, post_num, lower_p, upper_p, rng):
-    trainable = trainable_pads(np.zeros(response_tokens), response_length, post_num)
+def _random_mask(response_tokens, response_length, post_num, lower_p, upper_p, rng, ends_with_pad):
+    trainable = trainable_positions(response_tokens, response_length, post_num, ends_with_pad)
     probs = rng.uniform(lower_p, upper_p, size=response_length)
     masked = rng.uniform(size=response_length) < probs
     if not (masked & trainable).any() and trainable.any():
@@ -39,16 +39,18 @@ def _steps(trace, response_tokens, response_length):
 
 
 def random_masking_rows(trace, response_tokens, *, response_length, prompt_length, block_size, shrink, post_num,
-                        alignment, lower_p, upper_p, rng) -> list[TraceRound]:
+                        alignment, lower_p, upper_p, rng, ends_with_pad=False) -> list[TraceRound]:
     """One row: every position masked with probability p_j ~ U(lower_p, upper_p)."""
-    masked, trainable = _random_mask(response_tokens, response_length, post_num, lower_p, upper_p, rng)
+    masked, trainable = _random_mask(response_tokens, response_length, post_num, lower_p, upper_p, rng,
+                                     ends_with_pad)
     return [TraceRound(noisy=masked, trained=masked & trainable, steps=_steps(trace, response_tokens, response_length))]
 
 
 def coupled_rows(trace, response_tokens, *, response_length, prompt_length, block_size, shrink, post_num,
-                 alignment, lower_p, upper_p, rng) -> list[TraceRound]:
+                 alignment, lower_p, upper_p, rng, ends_with_pad=False) -> list[TraceRound]:
     """The random row plus its complement: every trainable token is trained exactly once."""
-    masked, trainable = _random_mask(response_tokens, response_length, post_num, lower_p, upper_p, rng)
+    masked, trainable = _random_mask(response_tokens, response_length, post_num, lower_p, upper_p, rng,
+                                     ends_with_pad)
     steps = _steps(trace, response_tokens, response_length)
     rows = [TraceRound(noisy=masked, trained=masked & trainable, steps=steps)]
     complement = ~masked

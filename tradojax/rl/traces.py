@@ -10,6 +10,10 @@ finished blocks are fully clean.
 Fixes of the original (spec section 10): traces stay aligned with their own tokens and rewards
 (no re-tokenisation, no drop shift); training blocks are aligned as at inference unless
 `BlockAlignment.ORIGINAL` is asked for.
+
+Kept from the original: a generated EOS that equals the pad id (TraDo/SDAR: <|endoftext|>) counts as
+the first pad, so with `post_num = 0` it is never trained (spec 3.3), and the outcome reward of the
+value flow lands on the last step among the tokens before it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,16 @@ def shrink_steps(steps: np.ndarray, shrink: int) -> np.ndarray:
     return np.array([lookup[s] for s in steps.tolist()], dtype=steps.dtype)
 
 
+def trainable_positions(response_tokens: int, response_length: int, post_num: int,
+                        ends_with_pad: bool = False) -> np.ndarray:
+    """[L1] bool: the response tokens that are not pads, then the first `post_num` pads (a final
+    EOS equal to the pad id is the first of them: the original's `input_ids == pad_id` filter)."""
+    real = response_tokens - (1 if ends_with_pad and response_tokens else 0)
+    keep = np.zeros(response_length, bool)
+    keep[: min(real + post_num, response_length)] = True
+    return keep
+
+
 def response_blocks(response_length: int, prompt_length: int, block_size: int,
                     alignment: BlockAlignment) -> np.ndarray:
     """[L1] training block id of every response position."""
@@ -62,6 +76,7 @@ def trace_rounds(
     shrink: int = 1,
     post_num: int = 0,
     alignment: BlockAlignment = BlockAlignment.INFERENCE,
+    ends_with_pad: bool = False,
 ) -> list[TraceRound]:
     """The TraceRL rows of one response.
 
@@ -70,6 +85,8 @@ def trace_rounds(
       response_length: L1, the padded length; positions past the response are pads with step
         max + 1 (the original's convention), trained only for the first `post_num` of them.
       prompt_length: P, the real prompt length (block alignment at inference).
+      ends_with_pad: the last generated token is the pad id (an EOS equal to pad): it keeps its
+        own step in the noisy copies but counts as the first pad for `post_num`.
     """
     trace = np.asarray(trace, np.int64)
     if trace.shape != (response_tokens,):
@@ -84,8 +101,7 @@ def trace_rounds(
     for block in np.unique(blocks):
         in_block = blocks == block
         steps[in_block] = shrink_steps(steps[in_block], shrink)
-    trainable = np.zeros(response_length, bool)
-    trainable[: min(response_tokens + post_num, response_length)] = True
+    trainable = trainable_positions(response_tokens, response_length, post_num, ends_with_pad)
 
     rounds = []
     remaining = np.ones(response_length, bool)
