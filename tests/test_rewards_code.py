@@ -281,11 +281,11 @@ def test_adversarial_function_tests_are_contained(pool: RewardPool) -> None:
              "import os; os.kill(os.getppid(), 9)", "assert f(2) == 2"]
     bad, _ = run_adversarial(pool, function_item(tests, limit=0.5), fenced(program))
     verdicts = bad.details["tests"]
-    assert [v["passed"] for v in verdicts] == [True, False, False, False, False]
+    assert [v["passed"] for v in verdicts] == [True, False, False, False, True]
     assert "time limit exceeded" in verdicts[1]["reason"]
     assert "memory limit exceeded" in verdicts[2]["reason"]
-    # Killing its own parent only takes the program's remaining tests down.
-    assert "process died" in verdicts[3]["reason"] and "process died" in verdicts[4]["reason"]
+    # A test runs in its own judge process, whose parent (the root runner) it cannot signal.
+    assert "PermissionError" in verdicts[3]["reason"] or not IS_ROOT
     hang_on_load, _ = run_adversarial(pool, function_item(["assert True"], limit=0.5),
                                       fenced("while True:\n    pass"))
     assert hang_on_load.score == 0.0

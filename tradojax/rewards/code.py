@@ -27,6 +27,7 @@ from tradojax.rewards import RewardResult
 from tradojax.rewards.sandbox import (
     ExecutionReport,
     SandboxLimits,
+    function_phases,
     run_function_tests,
     run_stdio_tests,
 )
@@ -131,7 +132,8 @@ def extract_program(response: str, prefix: str | None = None) -> str | None:
 def code_time_budget(task: CodeTask, limits: SandboxLimits | None = None) -> float:
     """Upper bound of a sandboxed run's wall time (start-up + every test at its limit)."""
     limits = limits or SandboxLimits()
-    phases = task.num_tests + (1 if task.test_method == "function" else 0)
+    phases = (function_phases(task.num_tests) if task.test_method == "function"
+              else task.num_tests)
     return limits.startup_s + phases * (task.time_limit_s + 0.5) + 1.0
 
 

@@ -57,6 +57,7 @@ output (``SystemExit`` keeps the output; an uncaught exception fails the case).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import select
@@ -70,10 +71,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from tradojax.rewards.sandbox_os import (
+    clip as sandbox_clip,
     die_with_parent,
     iter_processes,
     kill_uid_processes,
     live_parents,
+    remove_run_cgroup,
 )
 
 __all__ = [
@@ -98,6 +101,7 @@ class SandboxLimits:
     """Resource limits for one sandboxed run. Time limits per test come from the task data."""
 
     memory_bytes: int = 2 << 30  # RLIMIT_AS per process
+    run_memory_bytes: int = 2 << 30  # all of a run's processes together (cgroup)
     output_bytes: int = 8 << 20  # RLIMIT_FSIZE: stdout, stderr and any file written
     scratch_bytes: int = 64 << 20  # size of the private /tmp (the working directory)
     max_processes: int = 32  # RLIMIT_NPROC for the run's uid
@@ -108,7 +112,7 @@ class SandboxLimits:
     uid_base: int = DEFAULT_UID_BASE
 
     def __post_init__(self) -> None:
-        for name in ("memory_bytes", "output_bytes", "scratch_bytes", "max_processes",
+        for name in ("memory_bytes", "run_memory_bytes", "output_bytes", "scratch_bytes", "max_processes",
                      "max_open_files", "stack_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -170,9 +174,15 @@ def run_function_tests(
     """
     tests = list(tests)
     job = {"mode": "function", "program": program, "tests": tests}
-    budget = (len(tests) + 1) * (time_limit_s + _PER_TEST_OVERHEAD_S)
+    budget = function_phases(len(tests)) * (time_limit_s + _PER_TEST_OVERHEAD_S)
     return _run_job(job, len(tests), time_limit_s, budget, limits or SandboxLimits(),
                     on_runner_start)
+
+
+def function_phases(n_tests: int) -> int:
+    """Time-limited phases of a function run at worst: each test, plus a program load before
+    the first test and after every test that killed the program server."""
+    return 2 * n_tests + 1
 
 
 
@@ -189,10 +199,11 @@ def run_stdio_tests(
     if len(inputs) != len(outputs):
         raise ValueError(f"stdio tests need as many inputs as outputs, got {len(inputs)} inputs "
                          f"and {len(outputs)} outputs")
-    job = {"mode": "stdio", "program": program, "inputs": inputs, "outputs": outputs}
+    # The expected outputs never leave this process: the runner reports what each case printed.
+    job = {"mode": "stdio", "program": program, "inputs": inputs}
     budget = len(inputs) * (time_limit_s + _PER_TEST_OVERHEAD_S)
     return _run_job(job, len(inputs), time_limit_s, budget, limits or SandboxLimits(),
-                    on_runner_start)
+                    on_runner_start, expected_outputs=outputs)
 
 
 
@@ -215,6 +226,7 @@ def kill_sandbox_run(runner_pid: int, uid_base: int = DEFAULT_UID_BASE) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     kill_uid_processes(sandbox_uid(runner_pid, uid_base))
+    remove_run_cgroup(runner_pid)
 
 
 
@@ -250,6 +262,7 @@ def _run_job(
     test_budget_s: float,
     limits: SandboxLimits,
     on_runner_start: Callable[[int], None] | None,
+    expected_outputs: list[str] | None = None,
 ) -> ExecutionReport:
     if not isinstance(job["program"], str):
         raise TypeError(f"program must be a str, got {type(job['program']).__name__}")
@@ -261,6 +274,7 @@ def _run_job(
         time_limit_s=float(time_limit_s),
         limits={
             "memory_bytes": limits.memory_bytes,
+            "run_memory_bytes": limits.run_memory_bytes,
             "output_bytes": limits.output_bytes,
             "scratch_bytes": limits.scratch_bytes,
             "max_processes": limits.max_processes,
@@ -302,9 +316,9 @@ def _run_job(
             proc.stdin.close()
         except BrokenPipeError:
             runner_error = "sandbox runner exited before reading its job"
-        buffer = b""
+        lines = _LineReader(_MAX_EVENT_BYTES)
         streams = {proc.stdout.fileno(): "out", proc.stderr.fileno(): "err"}
-        while streams:
+        while streams and not done:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 runner_error = (f"sandbox wall-clock limit exceeded "
@@ -319,24 +333,26 @@ def _run_job(
                 if streams[fd] == "err":
                     stderr_tail = (stderr_tail + chunk)[-4096:]
                     continue
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
+                for line in lines.feed(chunk):
                     try:
                         event = json.loads(line)
                         kind = event["event"]
-                    except (ValueError, KeyError, TypeError):
+                        if kind == "isolation":
+                            isolation = {str(k): _clip(str(v)) for k, v in event["layers"].items()}
+                            degraded = [_clip(str(d)) for d in event["degraded"]]
+                        elif kind in ("verdict", "output") and 0 <= event["index"] < n_tests:
+                            verdicts[event["index"]] = _verdict_of(event, expected_outputs)
+                        elif kind == "done":
+                            done = True
+                        elif kind == "error":
+                            runner_error = _clip(str(event["message"]))
+                    except (ValueError, KeyError, TypeError, AttributeError):
                         runner_error = f"garbled sandbox runner output: {line[:80]!r}"
-                        continue
-                    if kind == "isolation":
-                        isolation = event["layers"]
-                        degraded = event["degraded"]
-                    elif kind == "verdict":
-                        verdicts[event["index"]] = TestVerdict(event["passed"], event["reason"])
-                    elif kind == "done":
-                        done = True
-                    elif kind == "error":
-                        runner_error = event["message"]
+                if lines.overflowed:
+                    runner_error = (f"sandbox runner sent a message over {_MAX_EVENT_BYTES} "
+                                    "bytes")
+                    streams.clear()
+                    break
     finally:
         _reap_runner(proc, limits.uid_base)
         _remove_scratch(scratch)
@@ -344,12 +360,63 @@ def _run_job(
         code = proc.returncode
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         detail = stderr_tail.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
-        runner_error = f"sandbox runner ended early ({how}) {detail[0]}".strip()
+        runner_error = _clip(f"sandbox runner ended early ({how}) {detail[0]}".strip())
     missing_reason = runner_error or "test was not run"
     ordered = [verdicts.get(k, TestVerdict(False, missing_reason)) for k in range(n_tests)]
     return ExecutionReport(ordered, isolation, degraded, runner_error,
                            time.monotonic() - started)
 
+
+# Reasons and runner messages are clipped: a program's text never reaches the caller unbounded.
+_MAX_REASON_CHARS = 300
+_MAX_EVENT_BYTES = 64 << 10
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_REASON_CHARS else text[:_MAX_REASON_CHARS] + "..."
+
+
+class _LineReader:
+    """Splits a byte stream into lines, in time linear in its length, refusing long lines."""
+
+    def __init__(self, max_line_bytes: int) -> None:
+        self.buffer = bytearray()
+        self.max_line_bytes = max_line_bytes
+        self.overflowed = False
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        scan_from = len(self.buffer)
+        self.buffer += chunk
+        lines, start = [], 0
+        while True:
+            end = self.buffer.find(b"\n", max(start, scan_from))
+            if end < 0:
+                break
+            lines.append(bytes(self.buffer[start:end]))
+            start = end + 1
+        del self.buffer[:start]
+        if len(self.buffer) > self.max_line_bytes:
+            self.overflowed = True
+            self.buffer.clear()
+        return lines
+
+
+def _normalised_sha256(text: str) -> str:
+    return hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()
+
+
+def _verdict_of(event: dict, expected_outputs: list[str] | None) -> TestVerdict:
+    """A function test's verdict as the runner's judge gave it, or a stdio case compared here."""
+    if event["event"] == "verdict":
+        return TestVerdict(event["passed"] is True, _clip(str(event["reason"])))
+    if event["ok"] is not True:
+        return TestVerdict(False, _clip(str(event["reason"])))
+    expected = expected_outputs[event["index"]]
+    if event["sha256"] == _normalised_sha256(expected):
+        return TestVerdict(True, "passed")
+    want = " ".join(expected.split())
+    return TestVerdict(False, _clip(f"wrong answer: got {sandbox_clip(str(event['preview']))!r}, "
+                                    f"expected {sandbox_clip(want)!r}"))
 
 
 def _reap_runner(proc: subprocess.Popen, uid_base: int) -> None:
@@ -365,6 +432,7 @@ def _reap_runner(proc: subprocess.Popen, uid_base: int) -> None:
         pass
     if os.geteuid() == 0:
         kill_uid_processes(sandbox_uid(proc.pid, uid_base))
+        remove_run_cgroup(proc.pid)
     proc.wait()
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:

@@ -1,31 +1,45 @@
 """The sandbox runner: executed as ``python -I -B sandbox_runner.py`` by `sandbox._run_job`.
 
-A fresh interpreter (never a fork of the trainer); under ``-I`` the package is not on
-``sys.path``, so this file imports only the standard library and loads `sandbox_os` by path.
-See `tradojax.rewards.sandbox` for the layers of isolation and the test semantics.
+A fresh interpreter (never a fork of the trainer), root on these machines; under ``-I`` the
+package is not on ``sys.path``, so this file imports only the standard library and loads its
+siblings `sandbox_os` and `sandbox_rpc` by path. It is trusted: tested code runs only in its
+children, under another uid, and reaches it through nothing but exit statuses and the program
+server's socket. It reports to the host as JSON lines on its stdout, which no child holds.
+
+* **stdio**: the runner receives the inputs only (the host keeps the expected outputs); each
+  case runs in a fork holding the program and that input, and the runner sends back a digest and
+  a short preview of the whitespace-normalised stdout for the host to compare.
+* **function**: the program runs in a program server (a fresh interpreter holding only the
+  program) and each test in a judge process (see `sandbox_rpc`); the judge's verdict comes on a
+  pipe the program does not hold. A server that dies or overruns a test is replaced for the next
+  test (the program is loaded again).
+
+See `tradojax.rewards.sandbox` for the isolation layers.
 """
 
 from __future__ import annotations
 
 import builtins
+import fcntl
+import hashlib
 import importlib.util
 import io
 import json
 import os
-import select
+import resource
 import signal
-import stat
+import socket
 import sys
 import time
 import traceback
 from typing import Callable
 
-import resource
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _load_sibling(name: str):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
-    spec = importlib.util.spec_from_file_location("tradojax_" + name, path)
+    spec = importlib.util.spec_from_file_location(f"tradojax_{name}",
+                                                  os.path.join(_HERE, name + ".py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -33,12 +47,19 @@ def _load_sibling(name: str):
 
 if __name__ == "__main__":
     sandbox_os = _load_sibling("sandbox_os")
+    sandbox_rpc = _load_sibling("sandbox_rpc")
 else:  # imported from the package (tests, tooling)
-    from tradojax.rewards import sandbox_os
+    from tradojax.rewards import sandbox_os, sandbox_rpc
 
-# Directories any uid may write to on a typical Linux host; each gets a private tmpfs.
-_WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 _SOLUTION_FILENAME = "solution.py"
+_PREVIEW_CHARS = 120
+_MAX_VERDICT_BYTES = 4096
+_DEV_FILES = ("null", "zero", "full", "random", "urandom")
+# Shared-library directories the interpreter and extension modules load from.
+_LIBRARY_DIRS = ("/lib", "/lib64", "/lib32", "/usr/lib", "/usr/lib64", "/usr/lib32")
+_LIBRARY_FILES = ("/etc/ld.so.cache",)
+_SERVER_BOOT_S = 5.0  # interpreter start-up of a program server, not charged to the program
+_LOAD_SLACK_S = 0.5
 
 
 class _Emitter:
@@ -59,39 +80,11 @@ def _interpreter_paths() -> list[str]:
                   os.path.dirname(os.path.realpath(sys.executable))}
     candidates.update(p for p in sys.path if p and os.path.isdir(p))
     real = sorted({os.path.realpath(p) for p in candidates if os.path.isdir(p)})
-    # Keep only outermost directories.
-    kept: list[str] = []
+    kept: list[str] = []  # outermost directories only
     for path in real:
         if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
             kept.append(path)
     return kept
-
-
-def _first_untraversable_dir(path: str) -> str | None:
-    current = ""
-    for part in path.strip("/").split("/"):
-        current += "/" + part
-        if not os.stat(current).st_mode & stat.S_IXOTH:
-            return current
-    return None
-
-
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
-
-
-def _cover_with_tmpfs(cover: str, tmpfs_options: str, keep_visible: list[str]) -> None:
-    """Mount an empty tmpfs on `cover`, bind-mounting back the `keep_visible` paths inside it."""
-    inside = [p for p in keep_visible if _under(p, cover) and p != cover]
-    handles = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in inside}
-    try:
-        sandbox_os.mount("tmpfs", cover, "tmpfs", sandbox_os.MS_NOSUID | sandbox_os.MS_NODEV, tmpfs_options)
-        for path, handle in handles.items():
-            os.makedirs(path, mode=0o755, exist_ok=True)
-            sandbox_os.mount(f"/proc/self/fd/{handle}", path, None, sandbox_os.MS_BIND | sandbox_os.MS_REC)
-    finally:
-        for handle in handles.values():
-            os.close(handle)
 
 
 def _drop_privileges(uid: int) -> None:
@@ -101,8 +94,23 @@ def _drop_privileges(uid: int) -> None:
     sandbox_os.prctl(sandbox_os.PR_SET_NO_NEW_PRIVS, 1)
 
 
+def _bind(source: str, target: str, read_only: bool) -> None:
+    sandbox_os.mount(source, target, None, sandbox_os.MS_BIND | sandbox_os.MS_REC)
+    if read_only:
+        sandbox_os.mount(None, target, None, sandbox_os.MS_BIND | sandbox_os.MS_REMOUNT
+                         | sandbox_os.MS_RDONLY | sandbox_os.MS_NOSUID | sandbox_os.MS_NODEV)
+
+
+def _make_mount_point(root: str, path: str, is_dir: bool) -> str:
+    target = root + path
+    os.makedirs(target if is_dir else os.path.dirname(target), mode=0o755, exist_ok=True)
+    if not is_dir and not os.path.exists(target):
+        os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+    return target
+
+
 class _Runner:
-    """Sets up isolation as root and runs each test in a forked, uid-dropped child."""
+    """Sets up isolation as root and runs each test in forked, uid-dropped children."""
 
     def __init__(self, job: dict, emitter: _Emitter) -> None:
         self.job = job
@@ -110,86 +118,136 @@ class _Runner:
         self.limits = job["limits"]
         self.time_limit = float(job["time_limit_s"])
         self.uid: int | None = None
+        self.cgroup = None
         self.layers: dict[str, str] = {}
         self.degraded: list[str] = []
         self.devnull = os.open(os.devnull, os.O_RDWR)
+        self.server_source = ""
 
     # -- isolation -----------------------------------------------------------------------
     def isolate(self) -> None:
-        """Enter namespaces, build the private filesystem view and choose the test uid."""
-        scratch_fd = os.open(self.job["scratch"], os.O_RDONLY | os.O_DIRECTORY)
+        """Create the run's cgroup, enter namespaces, pivot into a bare root, pick the uid."""
+        os.chdir(self.job["scratch"])
+        if self.job["mode"] == "function":
+            with open(os.path.join(_HERE, "sandbox_rpc.py"), encoding="utf-8") as handle:
+                self.server_source = handle.read() + "\nserve(3)\n"
+        if not self.job["isolate"]:
+            self._degrade("all", "isolation disabled by configuration "
+                                 "(SandboxLimits.isolate=False)")
+            return
+        if os.geteuid() != 0:
+            self._degrade("all", "not running as root: no namespaces, cgroup or uid drop")
+            return
+        candidate_uid = int(self.job["uid_base"]) + os.getpid()
+        self._join_cgroup()
         try:
-            os.fchdir(scratch_fd)
-            if not self.job["isolate"]:
-                self._degrade("all", "isolation disabled by configuration "
-                                     "(SandboxLimits.isolate=False)")
-                return
-            if os.geteuid() != 0:
-                self._degrade("all", "not running as root: no namespaces and no uid drop")
-                return
-            candidate_uid = int(self.job["uid_base"]) + os.getpid()
+            sandbox_os.unshare(sandbox_os.CLONE_NEWNET)
+            self.layers["network"] = "isolated (new network namespace, no interface up)"
+        except OSError as exc:
+            self._degrade("network", f"network namespace refused ({exc.strerror})")
+        try:
+            sandbox_os.unshare(sandbox_os.CLONE_NEWIPC)
+        except OSError:
+            pass
+        try:
+            self._pivot_into_bare_root(_interpreter_paths())
+        except OSError as exc:
+            self._degrade("filesystem", f"private root refused ({exc.strerror or exc}); the "
+                                        "program sees the host's files")
+            os.chdir(self.job["scratch"])
             try:
-                sandbox_os.unshare(sandbox_os.CLONE_NEWNET)
-                self.layers["network"] = "isolated (new network namespace, no interface up)"
-            except OSError as exc:
-                self._degrade("network", f"network namespace refused ({exc.strerror})")
-            try:
-                sandbox_os.unshare(sandbox_os.CLONE_NEWIPC)
+                os.chown(".", candidate_uid, candidate_uid)
             except OSError:
                 pass
-            needed = _interpreter_paths()
-            try:
-                self._private_filesystem(needed)
-            except OSError as exc:
-                self._degrade("filesystem", f"private mounts refused ({exc.strerror}); the "
-                                            "program can write wherever its uid may")
-                os.fchdir(scratch_fd)
-                try:
-                    os.chown(".", candidate_uid, candidate_uid)
-                except OSError:
-                    pass
-            problem = self._probe_uid(candidate_uid, needed)
-            if problem is None:
-                self.uid = candidate_uid
-                self.layers["uid"] = f"tests run as uid {candidate_uid}"
-                self.layers["processes"] = (f"RLIMIT_NPROC={self.limits['max_processes']} "
-                                            "for that uid")
-            else:
-                self._degrade("uid", f"uid drop unusable ({problem}); tests run as root, so "
-                                     "RLIMIT_NPROC is not enforced")
-        finally:
-            os.close(scratch_fd)
+        problem = self._probe_uid(candidate_uid)
+        if problem is None:
+            self.uid = candidate_uid
+            self.layers["uid"] = f"tests run as uid {candidate_uid}"
+            self.layers["processes"] = (f"RLIMIT_NPROC={self.limits['max_processes']} "
+                                        "for that uid")
+        else:
+            self._degrade("uid", f"uid drop unusable ({problem}); tests run as root, so "
+                                 "RLIMIT_NPROC is not enforced")
 
-    def _private_filesystem(self, needed: list[str]) -> None:
+    def _join_cgroup(self) -> None:
+        memory = self.limits["run_memory_bytes"]
+        try:
+            self.cgroup = sandbox_os.RunCgroup.create(os.getpid(), memory,
+                                                      self.limits["max_processes"] + 4)
+            self.layers["memory"] = (f"{memory} bytes for all of the run's processes together "
+                                     f"(cgroup {self.cgroup.version})")
+        except OSError as exc:
+            fallback = self.limits["memory_bytes"] * self.limits["max_processes"]
+            self._degrade("memory", f"no run cgroup ({exc.strerror or exc}): memory is bounded "
+                                    f"per process only, up to {fallback} bytes for the run")
+
+    def _pivot_into_bare_root(self, needed: list[str]) -> None:
+        """Make the scratch directory a tmpfs holding only what Python needs, and pivot into it.
+
+        Read-only binds of the interpreter's directories and the shared-library directories,
+        a few device files, a private /tmp and a /proc in which the sandbox uid sees only its
+        own processes; nothing else of the host (no /run, /home, /etc or sockets).
+        """
         sandbox_os.unshare(sandbox_os.CLONE_NEWNS)
         sandbox_os.mount(None, "/", None, sandbox_os.MS_REC | sandbox_os.MS_PRIVATE)
+        root = os.path.realpath(self.job["scratch"])
+        sandbox_os.mount("tmpfs", root, "tmpfs", sandbox_os.MS_NOSUID | sandbox_os.MS_NODEV,
+                         "size=1m,mode=0755")
+        bound: list[str] = []
+        for path in _LIBRARY_DIRS:
+            if os.path.islink(path):
+                os.symlink(os.readlink(path), root + path)
+            elif os.path.isdir(path):
+                _bind(path, _make_mount_point(root, path, True), read_only=True)
+                bound.append(path)
+        for path in needed:
+            if not any(path == b or path.startswith(b + "/") for b in bound):
+                _bind(path, _make_mount_point(root, path, True), read_only=True)
+        for path in _LIBRARY_FILES:
+            if os.path.isfile(path):
+                _bind(path, _make_mount_point(root, path, False), read_only=True)
+        for name in _DEV_FILES:
+            if os.path.exists(f"/dev/{name}"):
+                _bind(f"/dev/{name}", _make_mount_point(root, f"/dev/{name}", False), False)
+        os.symlink("/tmp", root + "/dev/shm")
         size = self.limits["scratch_bytes"]
-        _cover_with_tmpfs("/tmp", f"size={size},mode=1777", needed)
+        sandbox_os.mount("tmpfs", _make_mount_point(root, "/tmp", True), "tmpfs",
+                         sandbox_os.MS_NOSUID | sandbox_os.MS_NODEV, f"size={size},mode=1777")
+        proc_target = _make_mount_point(root, "/proc", True)
+        try:
+            sandbox_os.mount("proc", proc_target, "proc", sandbox_os.MS_NOSUID
+                             | sandbox_os.MS_NODEV, "hidepid=invisible,subset=pid")
+            proc = "own processes only"
+        except OSError:
+            sandbox_os.mount("proc", proc_target, "proc", sandbox_os.MS_NOSUID
+                             | sandbox_os.MS_NODEV, "hidepid=2")
+            proc = "own processes only (hidepid=2)"
+        os.chdir(root)
+        os.mkdir(".old-root")
+        sandbox_os.pivot_root(".", ".old-root")
+        os.chdir("/")
+        sandbox_os.umount_detached("/.old-root")
+        os.rmdir("/.old-root")
+        sandbox_os.mount(None, "/", None, sandbox_os.MS_REMOUNT | sandbox_os.MS_RDONLY
+                         | sandbox_os.MS_NOSUID | sandbox_os.MS_NODEV)
         os.chdir("/tmp")
-        for extra in _WORLD_WRITABLE_DIRS[1:]:
-            if os.path.isdir(extra) and not os.path.islink(extra):
-                _cover_with_tmpfs(extra, f"size={min(size, 16 << 20)},mode=1777", needed)
-        blocked = sorted({b for p in needed if (b := _first_untraversable_dir(p))
-                          and b != p and not _under(b, "/tmp")})
-        hidden = [b for b in blocked if not any(_under(b, o) for o in blocked if o != b)]
-        for cover in hidden:
-            _cover_with_tmpfs(cover, "size=1m,mode=0755", needed)
         self.layers["filesystem"] = (
-            "isolated (private mount namespace; private tmpfs on /tmp as working directory; "
-            f"hidden: {', '.join(hidden) or 'nothing'})")
+            "isolated (pivot_root into a read-only tmpfs root: the interpreter and shared "
+            f"libraries bound read-only, /dev/null etc., a private /tmp, /proc with {proc})")
 
     def _degrade(self, layer: str, message: str) -> None:
         self.layers[layer] = "NOT isolated: " + message
         self.degraded.append(message)
 
-    def _probe_uid(self, uid: int, needed: list[str]) -> str | None:
+    def _probe_uid(self, uid: int) -> str | None:
         pid = os.fork()
         if pid == 0:
             code = 4
             try:
                 _drop_privileges(uid)
                 code = 3
-                if all(os.access(p, os.R_OK | os.X_OK) for p in needed):
+                if os.access(os.path.dirname(os.path.realpath(sys.executable)), os.X_OK) and all(
+                        os.access(p, os.R_OK | os.X_OK) for p in _interpreter_paths()):
                     code = 2
                     probe = os.open(".sandbox-probe", os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
                     os.close(probe)
@@ -208,26 +266,23 @@ class _Runner:
 
     # -- per-process set-up in a forked child ---------------------------------------------
     def _enter_child(self, stdin_fd: int, stdout_fd: int, stderr_fd: int,
-                     keep_fd: int | None = None) -> None:
-        """Turn a freshly forked child into a sandboxed test process."""
+                     keep_fds: tuple[int, ...] = (), cpu_s: float | None = None) -> None:
+        """Turn a freshly forked child into a sandboxed process (`keep_fds` become 3, 4, ...)."""
         os.setpgid(0, 0)
+        if self.cgroup is not None:
+            self.cgroup.join()
+        # Move the kept descriptors above everything first, so the dup2s below cannot clobber.
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + len(keep_fds)) for fd in keep_fds]
         for fd_target, fd_source in ((0, stdin_fd), (1, stdout_fd), (2, stderr_fd)):
             os.dup2(fd_source, fd_target)
-        first_free = 3
-        if keep_fd is not None:
-            os.dup2(keep_fd, 3)
-            first_free = 4
-        for name in os.listdir("/proc/self/fd"):
-            if int(name) >= first_free:
-                try:
-                    os.close(int(name))
-                except OSError:
-                    pass
+        for offset, fd in enumerate(high):
+            os.dup2(fd, 3 + offset)
+        os.closerange(3 + len(high), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         if self.uid is not None:
             _drop_privileges(self.uid)
-        sandbox_os.prctl(sandbox_os.PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change, which clears it
+        sandbox_os.prctl(sandbox_os.PR_SET_PDEATHSIG, signal.SIGKILL)  # after setuid clears it
         limits = self.limits
-        cpu = int(self.time_limit) + 1
+        cpu = int(cpu_s if cpu_s is not None else self.time_limit) + 1
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
         resource.setrlimit(resource.RLIMIT_AS, (limits["memory_bytes"], limits["memory_bytes"]))
         resource.setrlimit(resource.RLIMIT_FSIZE, (limits["output_bytes"], limits["output_bytes"]))
@@ -274,16 +329,24 @@ class _Runner:
             os.waitpid(helper, 0)
         sandbox_os.kill_and_reap_children()
 
+    def _memory_reason(self, oom_kills_before: int) -> str | None:
+        if self.cgroup is not None and self.cgroup.oom_kills() > oom_kills_before:
+            return (f"memory limit exceeded ({self.cgroup.limit_bytes} bytes for the run's "
+                    "processes together)")
+        return None
+
+    def _oom_kills(self) -> int:
+        return self.cgroup.oom_kills() if self.cgroup is not None else 0
+
     # -- stdio ------------------------------------------------------------------------------
     def run_stdio(self) -> None:
-        """Run every stdio case and emit its verdict."""
+        """Run every case; send the host a digest of its output (the host holds the answers)."""
         program = self.job["program"]
-        for index, (stdin_text, expected) in enumerate(zip(self.job["inputs"],
-                                                           self.job["outputs"])):
-            passed, reason = self._run_stdio_case(program, stdin_text, expected)
-            self.emitter.emit(event="verdict", index=index, passed=passed, reason=reason)
+        for index, stdin_text in enumerate(self.job["inputs"]):
+            self.emitter.emit(event="output", index=index,
+                              **self._run_stdio_case(program, stdin_text))
 
-    def _run_stdio_case(self, program: str, stdin_text: str, expected: str) -> tuple[bool, str]:
+    def _run_stdio_case(self, program: str, stdin_text: str) -> dict:
         stdin_fd = os.memfd_create("stdin")
         stdout_fd = os.memfd_create("stdout")
         stderr_fd = os.memfd_create("stderr")
@@ -292,6 +355,7 @@ class _Runner:
             while data:
                 data = data[os.write(stdin_fd, data):]
             os.lseek(stdin_fd, 0, os.SEEK_SET)
+            oom_before = self._oom_kills()
             pid = os.fork()
             if pid == 0:
                 _child_run(lambda: self._enter_child(stdin_fd, stdout_fd, stderr_fd),
@@ -300,95 +364,113 @@ class _Runner:
             status = sandbox_os.kill_group_and_reap(pid)
             self._kill_leftovers()
             if not exited:
-                return False, f"time limit exceeded ({self.time_limit:g} s wall)"
+                return {"ok": False, "reason": f"time limit exceeded ({self.time_limit:g} s wall)"}
             out_limit = self.limits["output_bytes"]
             if os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0:
-                return False, _failure_reason(status, stderr_fd, out_limit)
+                reason = (self._memory_reason(oom_before)
+                          or _failure_reason(status, stderr_fd, out_limit))
+                return {"ok": False, "reason": reason}
             output = os.pread(stdout_fd, out_limit + 1, 0).decode("utf-8", "replace")
-            got, want = " ".join(output.split()), " ".join(expected.split())
-            if got == want:
-                return True, "passed"
-            return False, f"wrong answer: got {sandbox_os.clip(got)!r}, expected {sandbox_os.clip(want)!r}"
+            normalised = " ".join(output.split())
+            return {"ok": True, "sha256": hashlib.sha256(normalised.encode()).hexdigest(),
+                    "preview": sandbox_os.clip(normalised, _PREVIEW_CHARS)}
         finally:
             for fd in (stdin_fd, stdout_fd, stderr_fd):
                 os.close(fd)
 
     # -- function ---------------------------------------------------------------------------
     def run_function(self) -> None:
-        """Run the program once in a zygote process, each assert in a fork of it."""
+        """Judge each test in its own process against a program server (see `sandbox_rpc`)."""
         tests = self.job["tests"]
-        stdout_fd = os.memfd_create("stdout")
-        stderr_fd = os.memfd_create("stderr")
-        read_end, write_end = os.pipe()
+        server: tuple[int, socket.socket] | None = None
+        load_failure: str | None = None
+        for index, test_source in enumerate(tests):
+            if load_failure is None and server is None:
+                server, load_failure = self._start_server(len(tests))
+            if load_failure is not None:
+                passed, reason = False, load_failure
+            else:
+                passed, reason, server_ok = self._judge(index, test_source, server[1])
+                if not server_ok:
+                    self._stop_server(server)
+                    server = None
+            self.emitter.emit(event="verdict", index=index, passed=passed,
+                              reason=sandbox_os.clip(reason, sandbox_rpc.MAX_REASON_CHARS))
+        if server is not None:
+            self._stop_server(server)
+
+    def _start_server(self, n_tests: int) -> tuple[tuple[int, socket.socket] | None, str | None]:
+        """Start a program server and load the program; ((pid, socket), None) or (None, why)."""
+        ours, theirs = socket.socketpair()
         pid = os.fork()
         if pid == 0:
-            _child_run(lambda: self._enter_child(self.devnull, stdout_fd, stderr_fd,
-                                                 keep_fd=write_end),
-                       lambda: _zygote(self.job["program"], tests, self.time_limit,
-                                       self.limits["output_bytes"]))
-        os.close(write_end)
-        results: dict[int, tuple[bool, str]] = {}
-        statuses: dict[int, str] = {}
-        failure: str | None = None
-        loaded = False
-        buffer = b""
-        # The zygote enforces each limit itself; this deadline only catches a stuck zygote.
-        slack = 1.0
-        deadline = time.monotonic() + self.time_limit + slack
+            _child_run(lambda: self._enter_child(self.devnull, self.devnull, self.devnull,
+                                                 keep_fds=(theirs.fileno(),),
+                                                 cpu_s=(n_tests + 1) * self.time_limit),
+                       lambda: _exec_server(self.server_source))
+        theirs.close()
+        server = (pid, ours)
+        fd = ours.fileno()
         try:
-            while len(statuses) < len(tests) and failure is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    failure = ("sandbox process stopped responding" if loaded else
-                               f"time limit exceeded ({self.time_limit:g} s wall) while "
-                               "loading the program")
-                    break
-                ready, _, _ = select.select([read_end], [], [], remaining)
-                if not ready:
-                    continue
-                chunk = os.read(read_end, 1 << 16)
-                if not chunk:
-                    failure = "the program's process died"
-                    if sandbox_os.await_exit(pid, 0.5):
-                        failure += f" ({sandbox_os.describe_status(os.waitpid(pid, 0)[1], 0)})"
-                    break
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    try:
-                        msg = json.loads(line)
-                        kind = msg["kind"]
-                    except (ValueError, KeyError, TypeError):
-                        continue  # garbage written by the tested code
-                    if kind == "ready":
-                        loaded = True
-                        deadline = time.monotonic() + self.time_limit + slack
-                    elif kind == "setup_failed":
-                        failure = str(msg.get("reason", "program failed to load"))
-                    elif kind == "verdict" and isinstance(msg.get("index"), int):
-                        results.setdefault(msg["index"], (bool(msg.get("passed")),
-                                                          str(msg.get("reason"))))
-                    elif kind == "status" and isinstance(msg.get("index"), int):
-                        statuses[msg["index"]] = str(msg.get("outcome"))
-                        deadline = time.monotonic() + self.time_limit + slack
-        finally:
-            os.close(read_end)
+            booted = sandbox_rpc.read_frame(fd, 64, time.monotonic() + _SERVER_BOOT_S)
+            if booted != {"booted": True}:
+                raise sandbox_rpc.WireError("the program server did not start")
+            # From here on the process runs the program: its replies are only believed as data.
+            deadline = time.monotonic() + self.time_limit + _LOAD_SLACK_S
+            sandbox_rpc.write_frame(fd, {"program": self.job["program"]})
+            sandbox_rpc.write_frame(fd, {"op": "hello"})
+            reply = sandbox_rpc.read_frame(fd, 4096, deadline)
+        except TimeoutError:
+            self._stop_server(server)
+            return None, (f"time limit exceeded ({self.time_limit:g} s wall) while loading "
+                          "the program")
+        except (sandbox_rpc.WireError, OSError) as exc:
+            self._stop_server(server)
+            return None, f"program failed to load: {exc}"
+        if type(reply) is not dict or reply.get("loaded") is not True:
+            self._stop_server(server)
+            error = reply.get("error") if type(reply) is dict else None
+            return None, str(error) if error else "program failed to load"
+        return server, None
+
+    def _stop_server(self, server: tuple[int, socket.socket]) -> None:
+        server[1].close()
+        self._kill_leftovers()
+
+    def _judge(self, index: int, test_source: str, link: socket.socket) -> tuple[bool, str, bool]:
+        """(passed, reason, server still usable) of one test, judged in its own process."""
+        verdict_read, verdict_write = os.pipe()
+        oom_before = self._oom_kills()
+        pid = os.fork()
+        if pid == 0:
+            _child_run(lambda: self._enter_child(self.devnull, self.devnull, self.devnull,
+                                                 keep_fds=(link.fileno(), verdict_write)),
+                       lambda: _judge_main(test_source, index))
+        os.close(verdict_write)
+        try:
+            exited = sandbox_os.await_exit(pid, self.time_limit)
+            if not exited:
+                sandbox_os.kill_group_and_reap(pid)
+                return False, f"time limit exceeded ({self.time_limit:g} s wall)", False
+            status = os.waitpid(pid, 0)[1]
+            os.set_blocking(verdict_read, False)
             try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            self._kill_leftovers()
-            for fd in (stdout_fd, stderr_fd):
-                os.close(fd)
-        for index in range(len(tests)):
-            outcome = statuses.get(index)
-            if outcome == "exited" and index in results:
-                passed, reason = results[index]
-            elif outcome is not None and outcome != "exited":
-                passed, reason = False, outcome
-            else:
-                passed, reason = False, failure or "test was not run"
-            self.emitter.emit(event="verdict", index=index, passed=passed, reason=reason)
+                raw = os.read(verdict_read, _MAX_VERDICT_BYTES)
+            except BlockingIOError:
+                raw = b""
+        finally:
+            os.close(verdict_read)
+        try:
+            verdict = json.loads(raw)
+            passed, reason = verdict["passed"] is True, str(verdict["reason"])
+            server_ok = verdict["server_ok"] is True
+        except (ValueError, KeyError, TypeError):
+            reason = (self._memory_reason(oom_before) or "the test's process died ("
+                      + sandbox_os.describe_status(status, self.limits["output_bytes"]) + ")")
+            return False, reason, False
+        if not passed and not server_ok:
+            reason = self._memory_reason(oom_before) or reason
+        return passed, reason, server_ok
 
 
 def _failure_reason(status: int, stderr_fd: int, output_bytes: int) -> str:
@@ -445,70 +527,19 @@ def _exec_stdio_program(program: str) -> int:
     return status
 
 
-def _zygote(program: str, tests: list[str], time_limit: float, output_bytes: int) -> int:
-    """Run the program once, then fork one child per assert (fd 3 is the verdict pipe)."""
-    # Bind what we need before the tested code can rebind module attributes.
-    fork, waitpid, killpg, write, setpgid = os.fork, os.waitpid, os.killpg, os.write, os.setpgid
-    ftruncate, lseek, exit_now, dumps = os.ftruncate, os.lseek, os._exit, json.dumps
-    await_exit, describe = sandbox_os.await_exit, sandbox_os.describe_status
+def _exec_server(source: str) -> int:
+    """Replace this child by a fresh interpreter: it holds the program and nothing of the job."""
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp", "TMPDIR": "/tmp"}
+    os.execve(sys.executable, [sys.executable, "-I", "-B", "-c", source], env)
+    return 72
 
-    def send(**msg) -> None:
-        data = (dumps(msg) + "\n").encode("utf-8")
-        while data:
-            data = data[write(3, data):]
 
-    namespace = {"__name__": "__solution__", "__builtins__": builtins,
-                 "__file__": _SOLUTION_FILENAME}
-    try:
-        exec(compile(program, _SOLUTION_FILENAME, "exec"), namespace)
-    except SystemExit:
-        pass
-    except BaseException as exc:  # noqa: BLE001
-        if isinstance(exc, MemoryError):
-            reason = "memory limit exceeded (MemoryError) while loading the program"
-        else:
-            reason = f"program failed to load: {type(exc).__name__}: {sandbox_os.clip(str(exc))}"
-        send(kind="setup_failed", reason=reason)
-        return 0
-    send(kind="ready")
-    for index, test_source in enumerate(tests):
-        child = fork()
-        if child == 0:
-            setpgid(0, 0)
-            for fd in (1, 2):  # each test gets the whole output allowance
-                ftruncate(fd, 0)
-                lseek(fd, 0, os.SEEK_SET)
-            try:
-                exec(compile(test_source, f"<test {index}>", "exec"), namespace)
-                passed, reason = True, "passed"
-            except SystemExit:
-                passed, reason = True, "passed (SystemExit counts as a pass)"
-            except AssertionError as exc:
-                passed = False
-                reason = "assertion failed" + (f": {sandbox_os.clip(str(exc))}" if str(exc) else "")
-            except MemoryError:
-                passed, reason = False, "memory limit exceeded (MemoryError)"
-            except BaseException as exc:  # noqa: BLE001
-                passed, reason = False, f"runtime error: {type(exc).__name__}: {sandbox_os.clip(str(exc))}"
-            try:
-                sys.stdout.flush()
-            except BaseException:  # noqa: BLE001
-                pass
-            send(kind="verdict", index=index, passed=passed, reason=reason)
-            exit_now(0)
-        exited = await_exit(child, time_limit)
-        try:
-            killpg(child, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        status = waitpid(child, 0)[1]
-        if not exited:
-            outcome = f"time limit exceeded ({time_limit:g} s wall)"
-        elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-            outcome = "exited"
-        else:
-            outcome = describe(status, output_bytes)
-        send(kind="status", index=index, outcome=outcome)
+def _judge_main(test_source: str, index: int) -> int:
+    """In the judge process: fd 3 is the program server's socket, fd 4 the verdict pipe."""
+    passed, reason, server_ok = sandbox_rpc.judge(test_source, index, 3)
+    message = json.dumps({"passed": passed, "server_ok": server_ok,
+                          "reason": sandbox_os.clip(reason, sandbox_rpc.MAX_REASON_CHARS)})
+    os.write(4, message.encode("utf-8")[:_MAX_VERDICT_BYTES])
     return 0
 
 
@@ -523,6 +554,7 @@ def _runner_main() -> int:
     emitter = _Emitter(result_fd)
     try:
         job = json.loads(raw)
+        del raw
         sandbox_os.prctl(sandbox_os.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != job["host_pid"]:
             return 1  # the host died before we could arrange to die with it
@@ -535,10 +567,12 @@ def _runner_main() -> int:
             runner.run_stdio()
         else:
             runner.run_function()
+        runner._kill_leftovers()
         emitter.emit(event="done")
         return 0
     except Exception as exc:  # noqa: BLE001 - report any runner failure to the host
-        emitter.emit(event="error", message=f"sandbox runner failed: {type(exc).__name__}: {exc}")
+        emitter.emit(event="error", message=sandbox_os.clip(
+            f"sandbox runner failed: {type(exc).__name__}: {exc}", 500))
         traceback.print_exc()
         return 1
 
