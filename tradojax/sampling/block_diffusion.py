@@ -621,6 +621,95 @@ class BlockDiffusionSampler:
             cached=self.cached, mask_id=self.model_config.mask_token_id, pad_id=self.model_config.pad_token_id,
             batch_axes=self.batch_axes, mesh=self.mesh if self.batch_axes else None)
 
+    def abstract_params(self) -> nnx.State:
+        """The placed weights' shapes, dtypes and shardings (no memory): what `generate` streams."""
+        abstract = jax.eval_shape(lambda p: rollout_params(p, self.model_config), self._model_params)
+        if self.mesh is None:
+            return abstract
+        from tradojax.parallel.sharding import param_sharding
+
+        def placed(path, leaf):
+            sharding = param_sharding(".".join(str(p) for p in path), leaf.shape, self.mesh, role="rollout")
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+        return nnx.map_state(placed, abstract)
+
+    def _abstract_rows(self, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+        """A per-row input as `place_rows` lays it out, without data."""
+        if self.mesh is None:
+            return jax.ShapeDtypeStruct(shape, dtype)
+        spec = PartitionSpec(self.batch_axes or None, *([None] * (len(shape) - 1)))
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(self.mesh, spec))
+
+    def _abstract_replicated(self, value: Any) -> Any:
+        """A small input (scalar, key, knobs) as an abstract value, replicated over the mesh."""
+        def one(x):
+            x = jax.eval_shape(lambda: x) if not isinstance(x, jax.ShapeDtypeStruct) else x
+            sharding = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+        return jax.tree.map(one, value)
+
+    def programs(self, rows: int, prompt_len: int) -> dict[str, tuple[Callable, tuple, dict]]:
+        """Every jitted function `generate` runs for `rows` sequences with prompts padded to
+        `prompt_len`, as {name: (jitted_fn, args, kwargs)} with abstract arguments (shapes, dtypes,
+        and this sampler's shardings on its mesh; static arguments concrete), so that
+        `fn.lower(*args, **kwargs).compile()` compiles exactly the program `generate` runs (for AOT
+        memory and cost reports; works on a sampler built from `abstract_model`)."""
+        s = self.sampling
+        num_real = -(-rows // s.num_samples)
+        num_prompts = -(-num_real // self.data_parallel) * self.data_parallel
+        bucket = prompt_bucket(prompt_len, s.prompt_buckets)
+        plan = self._plan(bucket)
+        params = self.abstract_params()
+        rng = self._abstract_replicated(jax.random.key(0))
+        start_args = (self.graphdef, params, self._abstract_rows((num_prompts, bucket), jnp.int32),
+                      self._abstract_rows((num_prompts,), jnp.int32), self._abstract_rows((num_prompts,), jnp.bool_),
+                      rng, plan.layout_only(), s.num_samples)
+        state = _start_jit.eval_shape(*start_args)
+        state = self._abstract_state(state, plan)
+        knobs = self._abstract_replicated(self._knobs())
+        limit = self._abstract_replicated(jnp.int32(0))
+        return {
+            "start": (_start_jit, start_args, {}),
+            "decode": (_decode_jit, (self.graphdef, params, state, knobs, limit, plan), {}),
+            "outputs": (_outputs_jit, (state, plan, num_real * s.num_samples), {}),
+        }
+
+    def _abstract_state(self, state: DecodeState, plan: _Plan) -> DecodeState:
+        """Attaches to every leaf of an abstract decode state the sharding `_constrain_state` gives it."""
+        fields = {}
+        for f in dataclasses.fields(state):
+            leaf = getattr(state, f.name)
+            if leaf is None:
+                fields[f.name] = None
+            elif self.mesh is None:
+                fields[f.name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+            elif f.name == "num_forwards" or plan.mesh is None:
+                fields[f.name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                      sharding=NamedSharding(self.mesh, PartitionSpec()))
+            else:
+                spec = [None] * leaf.ndim
+                spec[1 if f.name in ("k", "v") else 0] = plan.batch_axes
+                fields[f.name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                      sharding=NamedSharding(self.mesh, PartitionSpec(*spec)))
+        return DecodeState(**fields)
+
+    def _knobs(self) -> _Knobs:
+        s = self.sampling
+        stop_list = (self.model_config.eos_token_id, *s.stop_token_ids)
+        stop_ids = np.full((-(-len(stop_list) // 8) * 8,), -1, np.int32)
+        stop_ids[: len(stop_list)] = stop_list
+        return _Knobs(temperature=jnp.float32(s.temperature), top_p=jnp.float32(s.top_p),
+                      dynamic_threshold=jnp.float32(s.dynamic_threshold),
+                      eb_threshold=jnp.float32(s.eb_threshold), stop_ids=jnp.asarray(stop_ids))
+
+    def _replicate(self, tree: Any) -> Any:
+        """Small inputs (key, knobs, limits) committed replicated over the mesh, as `programs` says."""
+        if self.mesh is None:
+            return tree
+        return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
+
     def max_iterations(self) -> int:
         """An upper bound on decode iterations (every row finishes within it)."""
         s = self.sampling
@@ -673,12 +762,8 @@ class BlockDiffusionSampler:
         if isinstance(rng, (int, np.integer)):
             rng = jax.random.key(int(rng))
         params = self.params if params is None else self._place(params)
-        stop_list = (self.model_config.eos_token_id, *s.stop_token_ids)
-        stop_ids = np.full((-(-len(stop_list) // 8) * 8,), -1, np.int32)
-        stop_ids[: len(stop_list)] = stop_list
-        knobs = _Knobs(temperature=jnp.float32(s.temperature), top_p=jnp.float32(s.top_p),
-                       dynamic_threshold=jnp.float32(s.dynamic_threshold),
-                       eb_threshold=jnp.float32(s.eb_threshold), stop_ids=jnp.asarray(stop_ids))
+        knobs = self._replicate(self._knobs())
+        rng = self._replicate(rng)
 
         state = _start_jit(self.graphdef, params, self.place_rows(tokens), self.place_rows(lengths),
                            self.place_rows(active), rng, plan.layout_only(), s.num_samples)
@@ -687,7 +772,7 @@ class BlockDiffusionSampler:
         real_rows = num_real * s.num_samples
         padding_rows = (num_prompts - num_real) * s.num_samples  # done from the start
         while True:
-            state, summary = _decode_jit(self.graphdef, params, state, knobs, jnp.int32(chunk), plan)
+            state, summary = _decode_jit(self.graphdef, params, state, knobs, self._replicate(jnp.int32(chunk)), plan)
             rows_done, tokens_generated, spent = (int(x) for x in np.asarray(summary))
             rows_done -= padding_rows
             if progress is not None:
