@@ -1,55 +1,71 @@
 """Sandboxed execution of untrusted Python programs against tests.
 
-The sandbox is three modules:
+The sandbox is four modules:
 
 * this **host side** (`run_function_tests`, `run_stdio_tests`, `probe_isolation`,
-  `kill_sandbox_run`), called in the trainer or a reward-pool worker;
+  `kill_sandbox_run`), called in the trainer or a reward-pool worker; it alone holds the
+  expected outputs of stdio tasks and compares them;
 * the **runner** (`tradojax.rewards.sandbox_runner`), executed as ``python -I -B`` in a fresh
   interpreter started with `subprocess` (never a fork of the trainer); under ``-I`` the package
-  is not on ``sys.path``, so it imports only the standard library; and
-* `tradojax.rewards.sandbox_os`: the /proc, libc, namespace and mount helpers both use.
+  is not on ``sys.path``, so it imports only the standard library;
+* `tradojax.rewards.sandbox_rpc`: the program server and the judge of function-style tests;
+* `tradojax.rewards.sandbox_os`: the /proc, libc, namespace, mount and cgroup helpers.
+
+**The verdict comes from outside the program** (issue 16). stdio: the runner gets the inputs
+only; each case runs in a fork holding the program and the runner's job without any expected
+output, and the host compares a digest of the normalised stdout. function: the program runs in a
+*program server*, a fresh interpreter holding the program and nothing of the job; each test runs
+in a *judge* process that calls the program over a socket with plain data only and makes the
+test's comparisons itself, then reports on a pipe the program does not hold (`sandbox_rpc`).
 
 Layers of isolation (spec 10 item 19: the original ran tests in a plain subprocess):
 
 1. The runner is started in a **new session/process group** with a **scrubbed environment**
-   (trainer secrets are not inherited) and fed the job over stdin; results come back as JSON lines
-   on its stdout, a channel the tested code never holds.
-2. When running as root (these machines) the runner enters new **network** (no interface is up:
-   ``connect`` fails with "Network is unreachable"), **mount** and **IPC** namespaces; mounts a
-   private size-capped tmpfs on ``/tmp`` (the scratch directory and working directory of the
-   program), ``/var/tmp``, ``/dev/shm`` and ``/run/lock``; and hides every non-world-traversable
-   ancestor of the Python installation (e.g. ``/root``) under an empty tmpfs, bind-mounting back
-   only the interpreter's own directories.
-3. Each test process drops to a **per-run uid** (``uid_base + runner pid``, unique while the runner
-   lives), so it can write nowhere but its tmpfs, cannot signal or trace the runner, the pool or
-   the trainer, cannot read other processes' environments, and ``RLIMIT_NPROC`` counts only its
-   own processes. The root runner stays out of its reach.
-4. Resource limits per test process: CPU time (``RLIMIT_CPU``), address space (``RLIMIT_AS``),
-   file size (``RLIMIT_FSIZE``, which also caps stdout/stderr, captured in memfds), process count
+   (trainer secrets are not inherited) and fed the job over stdin; events come back as JSON lines
+   on its stdout, a channel no sandboxed process holds, read here through a bounded line reader.
+2. When running as root (these machines) the runner creates the run's **cgroup** (cgroup v2 where
+   this process's cgroup delegates the memory controller, else the v1 memory and pids
+   hierarchies): ``SandboxLimits.run_memory_bytes`` for all of the run's processes together, no
+   swap, and a process cap. It enters new **network** (no interface up: IP and abstract unix
+   sockets are unreachable), **IPC** and **mount** namespaces and ``pivot_root``s into a
+   read-only tmpfs holding only read-only binds of the interpreter's directories and the
+   shared-library directories, /dev/null and friends, a private size-capped ``/tmp`` (the working
+   directory) and a ``/proc`` in which the sandbox uid sees its own processes only: no host
+   file, directory or path socket (``/run``, ``/home``, ``/etc``, the repository) is reachable.
+3. Each sandboxed process drops to a **per-run uid** (``uid_base + runner pid``, unique while
+   the runner lives), so it cannot signal or trace the runner, the pool or the trainer, and
+   ``RLIMIT_NPROC`` counts only its own processes. The judge is not dumpable (it changed uid
+   without exec), so the program server, which shares its uid, cannot trace or read it.
+4. Resource limits per process: CPU time (``RLIMIT_CPU``), address space (``RLIMIT_AS``), file
+   size (``RLIMIT_FSIZE``, which also caps stdout/stderr, captured in memfds), process count
    (``RLIMIT_NPROC``), open files, no core dumps; ``PR_SET_NO_NEW_PRIVS`` and a parent-death
    signal.
-5. A **wall-clock** limit per test, measured from the test's own fork (interpreter start-up is not
-   charged to the program, fixing the original's stdio rule), after which the test's process
-   group is killed; after every test all processes of the run's uid are killed
-   (``kill(-1, SIGKILL)`` from a helper holding that uid), and the host kills the runner's
-   group and sweeps the uid again, so nothing outlives a run.
+5. A **wall-clock** limit per test, measured by the runner from the test's own fork (interpreter
+   start-up is not charged to the program: the program server's start is timed from its first
+   message, which it sends before the program exists); no message from a sandboxed process moves
+   a deadline. The test's processes are then killed (``kill(-1, SIGKILL)`` from a helper holding
+   the uid), and the host kills the runner's group, sweeps the uid again and removes the cgroup.
 
-When a layer is unavailable (not root, namespaces refused, or the sandbox uid cannot read the
-Python installation) the run proceeds with the remaining layers and the report says which are
-missing (`ExecutionReport.degraded`, appended to reward reasons by `tradojax.rewards.code`).
-Without the uid drop, ``RLIMIT_NPROC`` cannot bound a fork bomb as root and the program could
-signal same-uid processes, so treat a degraded sandbox as unsafe for untrusted code.
+When a layer is unavailable (not root, namespaces or cgroups refused, or the sandbox uid cannot
+read the Python installation) the run proceeds with the remaining layers and the report says
+which are missing (`ExecutionReport.degraded`, appended to reward reasons by
+`tradojax.rewards.code`). Without a cgroup, memory is bounded per process only (``memory_bytes``
+x ``max_processes`` for a run). Without the uid drop, ``RLIMIT_NPROC`` cannot bound a fork bomb as
+root and the program could signal same-uid processes, so treat a degraded sandbox as unsafe for
+untrusted code.
 
-Linux only (memfd, prctl, namespaces, /proc). Known limits: the sandbox protects the host, not
-the verdict against code written to forge it (a program could, in principle, write a fake
-verdict to the inherited result pipe); world-readable files stay readable; and if the trainer
-itself is SIGKILLed mid-run, a process the program detached with ``setsid`` may survive (every
-other sandbox process dies with its parent; `RewardPool` sweeps the uid of a run whose worker
-it kills).
+Linux only (memfd, prctl, namespaces, pivot_root, /proc). Known limits: what a function-style
+test asks of the program's own objects is the program's to answer (see `sandbox_rpc`); and if the
+trainer itself is SIGKILLed mid-run, a process the program detached with ``setsid`` may survive
+(every other sandbox process dies with its parent; `RewardPool` sweeps the uid and cgroup of a
+run whose worker it kills).
 
-Test semantics (spec 6.3): ``function`` tests execute the program once in a namespace whose
-``__name__`` is not ``"__main__"``, then each assert string in that namespace, each in its own
-forked copy with its own time limit (``SystemExit`` counts as a pass); ``stdio`` tests run the
+Test semantics (spec 6.3): ``function`` tests load the program once in a namespace whose
+``__name__`` is not ``"__main__"`` and run each assert string against it, each in its own judge
+with its own time limit; names the test assigns do not carry to the next test, the program's
+state does (a program server that died or overran is started afresh for the next test). A
+``SystemExit`` raised by the test's own code counts as a pass; one raised by the program fails
+the test (the original counted it as a pass, which let ``exit()`` score). ``stdio`` tests run the
 program as ``__main__`` once per case with the case's text on stdin, ``input()`` reading lines
 without echoing a prompt, and pass when the whitespace-normalised stdout equals the expected
 output (``SystemExit`` keeps the output; an uncaught exception fails the case).
@@ -286,7 +302,10 @@ def _run_job(
         host_pid=os.getpid(),
         scratch=scratch,
     )
-    payload = json.dumps(job).encode("utf-8")
+    # Two parts: the runner reads the tests only after forking the program server's template.
+    cases = {key: job.pop(key) for key in ("tests", "inputs") if key in job}
+    first = json.dumps(job).encode("utf-8")
+    payload = b"%016d" % len(first) + first + json.dumps(cases).encode("utf-8")
     deadline = started + limits.startup_s + test_budget_s + 1.0
     verdicts: dict[int, TestVerdict] = {}
     isolation: dict[str, str] = {}

@@ -121,11 +121,12 @@ def children_of(parent: int) -> list[int]:
     return [pid for pid, ppid in live_parents().items() if ppid == parent]
 
 
-def kill_and_reap_children(timeout_s: float = 2.0) -> None:
-    """SIGKILL and reap every child of this process (orphans come here: we are a subreaper)."""
+def kill_and_reap_children(timeout_s: float = 2.0, spare: tuple[int, ...] = ()) -> None:
+    """SIGKILL and reap every child of this process but `spare` (orphans come here: we are a
+    subreaper)."""
     deadline = time.monotonic() + timeout_s
     me = os.getpid()
-    while time.monotonic() < deadline:
+    while True:
         while True:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -133,7 +134,10 @@ def kill_and_reap_children(timeout_s: float = 2.0) -> None:
                 return
             if pid == 0:
                 break
-        for child in children_of(me):
+        victims = [child for child in children_of(me) if child not in spare]
+        if not victims or time.monotonic() > deadline:
+            return
+        for child in victims:
             try:
                 os.kill(child, signal.SIGKILL)
             except ProcessLookupError:

@@ -58,7 +58,8 @@ _DEV_FILES = ("null", "zero", "full", "random", "urandom")
 # Shared-library directories the interpreter and extension modules load from.
 _LIBRARY_DIRS = ("/lib", "/lib64", "/lib32", "/usr/lib", "/usr/lib64", "/usr/lib32")
 _LIBRARY_FILES = ("/etc/ld.so.cache",)
-_SERVER_BOOT_S = 5.0  # interpreter start-up of a program server, not charged to the program
+_SERVER_BOOT_S = 5.0  # start-up of a program server, not charged to the program
+_JOB_HEADER_BYTES = 16  # decimal size of the job's first part
 _LOAD_SLACK_S = 0.5
 
 
@@ -122,15 +123,12 @@ class _Runner:
         self.layers: dict[str, str] = {}
         self.degraded: list[str] = []
         self.devnull = os.open(os.devnull, os.O_RDWR)
-        self.server_source = ""
+        self.template: tuple[int, socket.socket] | None = None
 
     # -- isolation -----------------------------------------------------------------------
     def isolate(self) -> None:
         """Create the run's cgroup, enter namespaces, pivot into a bare root, pick the uid."""
         os.chdir(self.job["scratch"])
-        if self.job["mode"] == "function":
-            with open(os.path.join(_HERE, "sandbox_rpc.py"), encoding="utf-8") as handle:
-                self.server_source = handle.read() + "\nserve(3)\n"
         if not self.job["isolate"]:
             self._degrade("all", "isolation disabled by configuration "
                                  "(SandboxLimits.isolate=False)")
@@ -299,7 +297,7 @@ class _Runner:
             # Without a private uid the count includes the user's other processes.
             nproc += sandbox_os.count_processes_of_uid(os.getuid())
         resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-        for sig in (signal.SIGXFSZ, signal.SIGPIPE, signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGXFSZ, signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         sys.stdin = sys.__stdin__ = io.TextIOWrapper(
             io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8",
@@ -313,8 +311,9 @@ class _Runner:
         sys.argv = [_SOLUTION_FILENAME]
         builtins.input = _input_without_prompt
 
-    def _kill_leftovers(self) -> None:
-        """Kill every process of the run's uid and every child of the runner; reap them."""
+    def _kill_leftovers(self, keep_template: bool = True) -> None:
+        """Kill every process of the run's uid and every child of the runner (but the server
+        template while tests remain); reap them."""
         if self.uid is not None:
             helper = os.fork()
             if helper == 0:
@@ -327,7 +326,8 @@ class _Runner:
                 finally:
                     os._exit(0)
             os.waitpid(helper, 0)
-        sandbox_os.kill_and_reap_children()
+        spare = (self.template[0],) if keep_template and self.template is not None else ()
+        sandbox_os.kill_and_reap_children(spare=spare)
 
     def _memory_reason(self, oom_kills_before: int) -> str | None:
         if self.cgroup is not None and self.cgroup.oom_kills() > oom_kills_before:
@@ -399,15 +399,48 @@ class _Runner:
         if server is not None:
             self._stop_server(server)
 
+    def start_server_template(self) -> None:
+        """Fork the process that forks program servers, before the runner reads the tests.
+
+        Program servers are forks of it, so their memory holds the program and the job's
+        settings but never a test. It stays root and outside the sandbox uid.
+        """
+        control, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                control.close()
+                self._template_main(theirs)
+            finally:
+                os._exit(0)
+        theirs.close()
+        self.template = (pid, control)
+
+    def _template_main(self, control: socket.socket) -> None:
+        sandbox_os.prctl(sandbox_os.PR_SET_PDEATHSIG, signal.SIGKILL)
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the servers
+        os.dup2(self.devnull, 0)  # the rest of the job (the tests) stays unread in the pipe
+        while True:
+            message, fds, _, _ = socket.recv_fds(control, 64, 1)
+            if not message or not fds:
+                return
+            n_tests = int(message)
+            pid = os.fork()
+            if pid == 0:
+                control.close()
+                _child_run(lambda: self._enter_child(self.devnull, self.devnull, self.devnull,
+                                                     keep_fds=(fds[0],),
+                                                     cpu_s=(n_tests + 1) * self.time_limit),
+                           lambda: sandbox_rpc.serve(3) or 0)
+            os.close(fds[0])
+            control.sendall(b"%d\n" % pid)
+
     def _start_server(self, n_tests: int) -> tuple[tuple[int, socket.socket] | None, str | None]:
         """Start a program server and load the program; ((pid, socket), None) or (None, why)."""
         ours, theirs = socket.socketpair()
-        pid = os.fork()
-        if pid == 0:
-            _child_run(lambda: self._enter_child(self.devnull, self.devnull, self.devnull,
-                                                 keep_fds=(theirs.fileno(),),
-                                                 cpu_s=(n_tests + 1) * self.time_limit),
-                       lambda: _exec_server(self.server_source))
+        template = self.template[1]
+        socket.send_fds(template, [str(n_tests).encode()], [theirs.fileno()])
+        pid = int(template.recv(64).split(b"\n")[0])
         theirs.close()
         server = (pid, ours)
         fd = ours.fileno()
@@ -435,6 +468,10 @@ class _Runner:
 
     def _stop_server(self, server: tuple[int, socket.socket]) -> None:
         server[1].close()
+        try:  # its own process group (needed without a private uid)
+            os.killpg(server[0], signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         self._kill_leftovers()
 
     def _judge(self, index: int, test_source: str, link: socket.socket) -> tuple[bool, str, bool]:
@@ -527,13 +564,6 @@ def _exec_stdio_program(program: str) -> int:
     return status
 
 
-def _exec_server(source: str) -> int:
-    """Replace this child by a fresh interpreter: it holds the program and nothing of the job."""
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp", "TMPDIR": "/tmp"}
-    os.execve(sys.executable, [sys.executable, "-I", "-B", "-c", source], env)
-    return 72
-
-
 def _judge_main(test_source: str, index: int) -> int:
     """In the judge process: fd 3 is the program server's socket, fd 4 the verdict pipe."""
     passed, reason, server_ok = sandbox_rpc.judge(test_source, index, 3)
@@ -543,31 +573,49 @@ def _judge_main(test_source: str, index: int) -> int:
     return 0
 
 
+def _read_exactly(fd: int, size: int | None) -> bytes:
+    """`size` bytes from `fd` (None: up to end of file), never reading past them."""
+    chunks, got = [], 0
+    while size is None or got < size:
+        chunk = os.read(fd, 1 << 20 if size is None else min(1 << 20, size - got))
+        if not chunk:
+            if size is None:
+                break
+            raise EOFError(f"job cut short ({got} of {size} bytes)")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
 def _runner_main() -> int:
     """Entry point of the runner process: read the job, isolate, run tests, report."""
-    raw = sys.stdin.buffer.read()
-    # Private result channel; fds 0 and 1 become /dev/null so nothing else writes results.
+    # Private result channel; fd 1 becomes /dev/null so nothing else writes results.
     result_fd = os.dup(1)
     devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     emitter = _Emitter(result_fd)
     try:
-        job = json.loads(raw)
-        del raw
+        # The job comes in two parts; the tests (second part) are read only after the program
+        # server template has been forked (exact reads: nothing of them is buffered before).
+        size = int(_read_exactly(0, _JOB_HEADER_BYTES))
+        job = json.loads(_read_exactly(0, size))
         sandbox_os.prctl(sandbox_os.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != job["host_pid"]:
             return 1  # the host died before we could arrange to die with it
         sandbox_os.prctl(sandbox_os.PR_SET_CHILD_SUBREAPER, 1)
         runner = _Runner(job, emitter)
         runner.isolate()
+        if job["mode"] == "function":
+            runner.start_server_template()
+        job.update(json.loads(_read_exactly(0, None)))
+        os.dup2(devnull, 0)
         emitter.emit(event="isolation", layers=runner.layers, degraded=runner.degraded,
                      uid=runner.uid)
         if job["mode"] == "stdio":
             runner.run_stdio()
         else:
             runner.run_function()
-        runner._kill_leftovers()
+        runner._kill_leftovers(keep_template=False)
         emitter.emit(event="done")
         return 0
     except Exception as exc:  # noqa: BLE001 - report any runner failure to the host
