@@ -183,6 +183,54 @@ def test_function_semantics() -> None:
     assert reasons[4].startswith("runtime error: ZeroDivisionError")
 
 
+def test_function_tests_use_program_objects_across_the_judge() -> None:
+    """Right answers of many shapes pass when each assert runs in a judge outside the program:
+    classes and methods, generators, exceptions the test catches, in-place changes to arguments,
+    nested plain values, program constants and HumanEval's check(candidate)."""
+    program = (
+        "class Solution:\n"
+        "    def twoSum(self, nums, target):\n"
+        "        seen = {}\n"
+        "        for i, x in enumerate(nums):\n"
+        "            if target - x in seen:\n"
+        "                return [seen[target - x], i]\n"
+        "            seen[x] = i\n"
+        "class Point:\n"
+        "    def __init__(self, x, y):\n"
+        "        self.x, self.y = x, y\n"
+        "    def __eq__(self, other):\n"
+        "        return (self.x, self.y) == (other.x, other.y)\n"
+        "def evens(n):\n"
+        "    yield from range(0, n, 2)\n"
+        "def positive(x):\n"
+        "    if x < 0:\n"
+        "        raise ValueError('negative')\n"
+        "    return x\n"
+        "def sort_in_place(xs):\n"
+        "    xs.sort()\n"
+        "def pair(a, b):\n"
+        "    return (a, {b: [a, b]}, {a, b}, b'x', 1 + 2j, None, float('inf'))\n"
+        "LIMIT = 10\n")
+    tests = [
+        "assert Solution().twoSum([2, 7, 11], 9) == [0, 1]",
+        "assert Point(1, 2) == Point(1, 2) and not Point(1, 2) == Point(2, 1)",
+        "assert list(evens(5)) == [0, 2, 4] and len(list(evens(3))) == 2",
+        "try:\n    positive(-1)\n    assert False\nexcept ValueError as e:\n"
+        "    assert str(e) == 'negative'",
+        "xs = [3, 1, 2]\nsort_in_place(xs)\nassert xs == [1, 2, 3]",
+        "assert pair(1, 'b') == (1, {'b': [1, 'b']}, {1, 'b'}, b'x', 1 + 2j, None, float('inf'))",
+        "assert LIMIT == 10 and type(LIMIT) is int",
+        "def check(candidate):\n    assert candidate(3) == 3\ncheck(positive)",
+        "assert sorted(map(positive, [3, 1])) == [1, 3] and all(positive(k) == k for k in range(20))",
+    ]
+    result = score_code(function_item(tests, limit=3.0), fenced(program))
+    assert (result.score, result.correct) == (len(tests), True), result.details["tests"]
+    wrong = score_code(function_item(tests, limit=3.0),
+                       fenced(program.replace("return [seen[target - x], i]", "return [i]")))
+    assert wrong.score == len(tests) - 1
+    assert wrong.details["tests"][0]["reason"] == "assertion failed"
+
+
 def test_errors_and_missing_code() -> None:
     item = stdio_item(["1\n"], ["1"])
     none = score_code(item, "I think the answer is print(1)")
