@@ -83,7 +83,8 @@ WRONG_FUNCTION_PROGRAMS = {
                     "    __hash__ = object.__hash__\ndef double(x):\n    return Equal()",
     "int_subclass": "class Fake(int):\n    def __eq__(self, other):\n        return True\n"
                     "    __hash__ = int.__hash__\ndef double(x):\n    return Fake(0)",
-    "patched_builtins": "import builtins\nbuiltins.AssertionError = type('Pass', (Exception,), {})\n"
+    "patched_builtins": "import builtins\n"
+                        "builtins.AssertionError = type('Pass', (Exception,), {})\n"
                         "builtins.bool = lambda *a: True\ndef double(x):\n    return x",
     # Keeps writing on every descriptor but the server's socket (where it would only break the
     # protocol and fail at once), so that only the clock can stop it.

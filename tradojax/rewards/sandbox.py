@@ -128,8 +128,8 @@ class SandboxLimits:
     uid_base: int = DEFAULT_UID_BASE
 
     def __post_init__(self) -> None:
-        for name in ("memory_bytes", "run_memory_bytes", "output_bytes", "scratch_bytes", "max_processes",
-                     "max_open_files", "stack_bytes"):
+        for name in ("memory_bytes", "run_memory_bytes", "output_bytes", "scratch_bytes",
+                     "max_processes", "max_open_files", "stack_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"SandboxLimits.{name} must be a positive int, got {value!r}")

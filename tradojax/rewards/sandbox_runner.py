@@ -7,12 +7,13 @@ children, under another uid, and reaches it through nothing but exit statuses an
 server's socket. It reports to the host as JSON lines on its stdout, which no child holds.
 
 * **stdio**: the runner receives the inputs only (the host keeps the expected outputs); each
-  case runs in a fork holding the program and that input, and the runner sends back a digest and
-  a short preview of the whitespace-normalised stdout for the host to compare.
-* **function**: the program runs in a program server (a fresh interpreter holding only the
-  program) and each test in a judge process (see `sandbox_rpc`); the judge's verdict comes on a
-  pipe the program does not hold. A server that dies or overruns a test is replaced for the next
-  test (the program is loaded again).
+  case runs in a fork of the runner, and the runner sends back a digest and a short preview of
+  the whitespace-normalised stdout for the host to compare.
+* **function**: the program runs in a program server, forked from a template the runner forks
+  before it reads the tests (so the server's memory never holds one), and each test in a judge
+  process (see `sandbox_rpc`); the judge's verdict comes on a pipe the program does not hold. A
+  server that dies or overruns a test is replaced for the next test (the program is loaded
+  again).
 
 See `tradojax.rewards.sandbox` for the isolation layers.
 """
