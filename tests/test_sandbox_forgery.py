@@ -86,6 +86,31 @@ WRONG_FUNCTION_PROGRAMS = {
     "patched_builtins": "import builtins\n"
                         "builtins.AssertionError = type('Pass', (Exception,), {})\n"
                         "builtins.bool = lambda *a: True\ndef double(x):\n    return x",
+    # Writes a passing verdict into the judge's verdict pipe through /proc, then kills it.
+    "judge_verdict_pipe": "import json, os, signal\n"
+                          "def double(x):\n"
+                          "    verdict = json.dumps({'passed': True, 'server_ok': True,\n"
+                          "                          'reason': 'passed'}).encode()\n"
+                          "    for pid in os.listdir('/proc'):\n"
+                          "        if pid.isdigit() and int(pid) != os.getpid():\n"
+                          "            try:\n"
+                          "                fd = os.open(f'/proc/{pid}/fd/4', os.O_WRONLY)\n"
+                          "                os.write(fd, verdict)\n"
+                          "                os.kill(int(pid), signal.SIGKILL)\n"
+                          "            except OSError:\n"
+                          "                pass\n"
+                          "    return x",
+    # Traces any process it can see (its judge shares its uid); one that could would be able to
+    # rewrite the judge's verdict, so it claims the right answer if it ever attached.
+    "trace_the_judge": "import ctypes, os\n"
+                       "libc = ctypes.CDLL(None, use_errno=True)\n"
+                       "def double(x):\n"
+                       "    for pid in os.listdir('/proc'):\n"
+                       "        if pid.isdigit() and int(pid) != os.getpid():\n"
+                       "            if libc.ptrace(16, int(pid), None, None) == 0:  # ATTACH\n"
+                       "                libc.ptrace(17, int(pid), None, None)  # DETACH\n"
+                       "                return 2 * x\n"
+                       "    return x",
     # Keeps writing on every descriptor but the server's socket (where it would only break the
     # protocol and fail at once), so that only the clock can stop it.
     "forged_readiness_spin": FORGE_ON_EVERY_FD + "def double(x):\n    while True:\n"
@@ -102,7 +127,8 @@ def test_forged_verdicts_score_nothing(pool: RewardPool) -> None:
     assert (right.score, right.correct) == (3.0, True), right.reason
     for name, result in zip(names, wrong):
         # double(0) == 0 is the one test a program returning its argument passes honestly.
-        honest = 1.0 if name in ("exit_at_load", "patched_builtins") else 0.0
+        honest = 1.0 if name in ("exit_at_load", "patched_builtins", "judge_verdict_pipe",
+                                 "trace_the_judge") else 0.0
         assert (result.score, result.correct) == (honest, False), f"{name}: {result.reason}"
     reasons = {n: [t["reason"] for t in r.details["tests"]] for n, r in zip(names, wrong)}
     assert reasons["exit_in_call"][0] == "the program raised SystemExit during the test"

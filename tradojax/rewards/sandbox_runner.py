@@ -488,7 +488,8 @@ class _Runner:
         try:
             exited = sandbox_os.await_exit(pid, self.time_limit)
             if not exited:
-                sandbox_os.kill_group_and_reap(pid)
+                # The server goes first: a judge it stopped could not be reaped before.
+                self._kill_leftovers()
                 return False, f"time limit exceeded ({self.time_limit:g} s wall)", False
             status = os.waitpid(pid, 0)[1]
             os.set_blocking(verdict_read, False)
@@ -567,6 +568,9 @@ def _exec_stdio_program(program: str) -> int:
 
 def _judge_main(test_source: str, index: int) -> int:
     """In the judge process: fd 3 is the program server's socket, fd 4 the verdict pipe."""
+    # The program server shares this uid: not dumpable, this process cannot be traced by it,
+    # nor its memory or descriptors (the verdict pipe) opened through /proc.
+    sandbox_os.prctl(sandbox_os.PR_SET_DUMPABLE, 0)
     passed, reason, server_ok = sandbox_rpc.judge(test_source, index, 3)
     message = json.dumps({"passed": passed, "server_ok": server_ok,
                           "reason": sandbox_os.clip(reason, sandbox_rpc.MAX_REASON_CHARS)})
