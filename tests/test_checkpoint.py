@@ -12,7 +12,8 @@ import optax
 import pytest
 from flax import nnx
 
-from tradojax.checkpoint import COMMIT_MARKER, CheckpointError, TrainCheckpointer, tree_fingerprints
+from tradojax.checkpoint import (COMMIT_MARKER, CheckpointError, TrainCheckpointer, find_training_steps,
+                                 read_training_step, tree_fingerprints)
 from tradojax.config import ModelConfig
 from tradojax.models.transformer import Decoder
 
@@ -169,3 +170,50 @@ def test_saving_an_existing_step_is_refused_and_keeps_the_saved_one(run_dir):
     with pytest.raises(CheckpointError, match="already exists"):
         checkpointer.save(30, make_trees(7), {"step": 30})
     assert_trees_equal(checkpointer.restore(30, targets()), make_trees(3))
+
+
+# ------------------------------------------------------------------------- readers (export-hf, sample, eval)
+
+
+def policy_only(meta):
+    """Targets chosen from the step's meta, as the model readers do: only the policy is read."""
+    assert meta["step"] in (10, 20, 30)
+    return {"policy": targets()["policy"]}
+
+
+def test_reader_takes_a_run_directory_its_checkpoints_or_one_step_folder(run_dir, tmp_path):
+    run = run_dir.parent
+    assert find_training_steps(run) == (run_dir, None)
+    assert find_training_steps(run_dir) == (run_dir, None)
+    assert find_training_steps(run_dir / "20") == (run_dir, 20)
+    (tmp_path / "other").mkdir()
+    assert find_training_steps(tmp_path / "other") is None and find_training_steps(tmp_path / "nope") is None
+    for path, step, seed in ((run, None, 3), (run_dir, 10, 1), (run_dir / "20", None, 2), (run_dir / "20", 20, 2)):
+        folder, trees, meta = read_training_step(path, policy_only, step=step, log=lambda _: None)
+        assert folder == run_dir / str(meta["step"]) and meta["step"] == 10 * seed
+        assert set(trees) == {"policy"}
+        assert_trees_equal(trees["policy"], make_trees(seed)["policy"])
+    with pytest.raises(CheckpointError, match="is the folder of step 20, but step 10 was asked for"):
+        read_training_step(run_dir / "20", policy_only, step=10)
+    with pytest.raises(CheckpointError, match=r"no step 40 \(steps: \[10, 20, 30\]\)"):
+        read_training_step(run, policy_only, step=40)
+    with pytest.raises(CheckpointError, match="not a training run"):
+        read_training_step(tmp_path / "other", policy_only)
+
+
+def test_reader_skips_a_damaged_step_and_moves_nothing(run_dir):
+    latest = run_dir / "30"
+    path = largest_data_file(latest)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x10
+    open(path, "wb").write(bytes(data))
+    messages: list[str] = []
+    folder, trees, meta = read_training_step(run_dir.parent, policy_only, log=messages.append)
+    assert folder == run_dir / "20" and meta["step"] == 20
+    assert_trees_equal(trees["policy"], make_trees(2)["policy"])
+    assert any("skipping damaged step 30" in m and "does not match the fingerprint" in m for m in messages), messages
+    assert sorted(os.listdir(run_dir)) == ["10", "20", "30"]  # a reader never moves a run's files
+    # the damaged step asked for by name is an error, not a silent fallback
+    with pytest.raises(CheckpointError, match="does not match the fingerprint") as err:
+        read_training_step(latest, policy_only, log=messages.append)
+    assert str(latest) in str(err.value)

@@ -211,7 +211,7 @@ def test_export_import_round_trip_is_bit_exact(tmp_path, family, dtype):
         assert f.get_tensor(hf.FAMILY_KEYS[family]["embed_tokens"]).dtype == expected_dtype
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["torch_dtype"] == dtype
-    assert (tmp_path / "out" / "modeling_sdar.py").is_file() == (family == "sdar")
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.py")) == sorted(hf.HF_CODE_FILES[family])
 
 
 def test_export_casts_dtype_and_import_casts_back(tmp_path):
@@ -310,19 +310,34 @@ def test_cli_import_then_export(sdar_dir, tmp_path, capsys):
     original, _ = hf.load_hf_model(sdar_dir, dtype="bfloat16")
     assert_bit_equal(flat_numpy(nnx.state(original, nnx.Param)), flat_numpy(nnx.state(model, nnx.Param)))
     # exporting into a non-empty directory needs --overwrite
-    assert cli.main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "back")]) == 1
+    assert cli.main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "back")]) == 2
     assert "not empty" in capsys.readouterr().err
 
 
+def test_cli_export_reads_a_hugging_face_directory_too(sdar_dir, tmp_path, capsys):
+    assert cli.main(["export-hf", str(sdar_dir), str(tmp_path / "again"), "--dtype", "bfloat16"]) == 0
+    again, config = hf.load_hf_model(tmp_path / "again")
+    original, _ = hf.load_hf_model(sdar_dir, dtype="bfloat16")
+    assert config.param_dtype == "bfloat16"
+    assert_bit_equal(flat_numpy(nnx.state(original, nnx.Param)), flat_numpy(nnx.state(again, nnx.Param)))
+    assert cli.main(["export-hf", str(sdar_dir), str(tmp_path / "other"), "--step", "3"]) == 2
+    assert "a step (3) can only be chosen in a training run" in capsys.readouterr().err
+
+
 def test_cli_errors(tmp_path, capsys):
-    assert cli.main(["import-hf", str(tmp_path / "nope"), "--out", str(tmp_path / "ckpt")]) == 1
+    assert cli.main(["import-hf", str(tmp_path / "nope"), "--out", str(tmp_path / "ckpt")]) == 2
     err = capsys.readouterr().err
     assert "import-hf: error" in err and str(tmp_path / "nope") in err and "no such checkpoint directory" in err
     assert not (tmp_path / "ckpt").exists()
     assert cli.main(["import-hf", str(tmp_path)]) == 2  # --out missing
     assert "--out" in capsys.readouterr().err
-    assert cli.main(["export-hf", str(tmp_path / "nope"), str(tmp_path / "out")]) == 1
+    assert cli.main(["export-hf", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "no such checkpoint directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["export-hf", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'empty'}: not a model" in err and "Hugging Face directory (config.json)" in err
+    assert not (tmp_path / "out").exists()
     assert cli.main(["export-hf", "a", "b", "--max-shard-size", "lots"]) == 2
     assert "invalid size 'lots'" in capsys.readouterr().err
 

@@ -246,3 +246,83 @@ def test_llada_parity_against_llama_weights(tmp_path):
     assert exported.keys() == tensors.keys()
     for name, tensor in tensors.items():
         np.testing.assert_array_equal(exported[name], tensor.numpy())
+
+
+# ------------------------------------------------------------------------- LLaDA and Dream exports
+
+EXPORT_TOLERANCE = 1e-5  # max |logit difference| in float32 between our model and its export (logits O(3))
+
+
+def padded_full_attention_batch(seed: int, batch=2, length=10):
+    """Random tokens with left pads in row 0, their positions (counting real tokens) and segments."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, 512, (batch, length)).astype(np.int32)
+    valid = np.ones((batch, length), bool)
+    valid[0, :3] = False
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+    return tokens, valid, positions, masks.full_segments(jnp.asarray(valid))
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_exported_llada_and_dream_load_in_transformers(tmp_path, family):
+    """Our LLaDA (bidirectional, unshifted) and Dream (q/k/v biases, shifted) exports load through
+    their remote code with AutoModelForCausalLM and give our logits, with and without padding."""
+    from test_hf import FAMILIES, random_params
+
+    config = FAMILIES[family]
+    model = nnx.merge(nnx.split(hf.abstract_model(config))[0], random_params(config, seed=11))
+    out = hf.save_hf_model(model, tmp_path / family)
+    assert {"configuration_" + family + ".py", "modeling_" + family + ".py", "diffusion_attention.py"} <= {
+        p.name for p in out.iterdir()}
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(loaded).__name__ == {"llada": "LLaDAModelLM", "dream": "DreamModel"}[family]
+    assert loaded.dtype == torch.float32 and loaded.config.mask_token_id == config.mask_token_id
+    # every tensor we wrote was used: the remote code's names are the key table's
+    assert set(loaded.state_dict()) >= {rule.name(layer) for rule in hf.key_table(config)
+                                        for layer in (range(config.num_layers) if rule.stacked else [None])}
+
+    tokens, valid, positions, segments = padded_full_attention_batch(seed=12)
+    ours = our_logits(model, tokens, positions, segments, masks.MaskRule.FULL)
+    with torch.no_grad():
+        padded = loaded(input_ids=torch.from_numpy(tokens).long(), attention_mask=torch.from_numpy(valid),
+                        position_ids=torch.from_numpy(positions).long()).logits.numpy()
+        unmasked = loaded(input_ids=torch.from_numpy(tokens).long()).logits.numpy()
+    diff = np.abs(ours - padded)[valid].max()  # pad rows attend nothing real: their logits are unused
+    everything = masks.full_segments(jnp.ones(tokens.shape, bool))
+    arange = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+    unmasked_diff = np.abs(our_logits(model, tokens, arange, everything, masks.MaskRule.FULL) - unmasked).max()
+    print(f"exported {family} in transformers: max |logit diff| = {diff:.2e} (padded), {unmasked_diff:.2e} "
+          f"(no mask); logits up to {np.abs(ours).max():.1f}")
+    assert diff < EXPORT_TOLERANCE and unmasked_diff < EXPORT_TOLERANCE
+    assert np.abs(ours).max() > 1.0  # the weights matter
+
+
+def test_value_model_export_matches_ours_and_reads_back(tmp_path):
+    """A value model exports as the original saves one (backbone + value_head.weight [1, hidden]):
+    transformers' final hidden states times the head give our values; it reads back bit-exact."""
+    from test_hf import TINY, random_params
+
+    from tradojax.models.value import value_model_from_policy
+
+    policy = nnx.merge(nnx.split(hf.abstract_model(TINY))[0], random_params(TINY, seed=13))
+    value = value_model_from_policy(policy)
+    value.value_head[...] = jnp.asarray(0.2 * np.random.default_rng(14).normal(size=TINY.hidden_size), jnp.float32)
+    out = hf.save_hf_value_model(value, tmp_path / "value")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    from safetensors.numpy import load_file
+
+    head = load_file(out / "model.safetensors")[hf.VALUE_HEAD]
+    assert head.shape == (1, TINY.hidden_size)
+    tokens, positions, segments, dense = inference_batch(seed=15)
+    graphdef, state = nnx.split(value)
+    ours = np.asarray(nnx.merge(graphdef, state)(jnp.asarray(tokens), jnp.asarray(positions), segments))
+    with torch.no_grad():
+        hidden = loaded.model(input_ids=torch.from_numpy(tokens).long(),
+                              attention_mask=torch.from_numpy(dense.copy())[:, None]).last_hidden_state
+    theirs = (hidden @ torch.from_numpy(head).T).squeeze(-1).numpy()
+    diff = np.abs(ours - theirs).max()
+    print(f"exported value model: max |value diff| = {diff:.2e} (values up to {np.abs(ours).max():.1f})")
+    assert diff < EXPORT_TOLERANCE and np.abs(ours).max() > 0.1
+    back = hf.load_hf_value_model(out)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(value)), nnx.to_flat_state(nnx.state(back))):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))

@@ -11,6 +11,9 @@ catch -- a file truncated or deleted later, a folder copied without its marker, 
 `restore_latest_good` detects: it walks the steps from the newest, skips each damaged one with a
 message naming its folder, moves that folder aside (renamed `<step>.damaged-<time>`, never
 deleted, so the step can be saved again) and restores the newest intact step.
+
+`read_training_step` reads a run from outside its trainer (export-hf, sample, eval take a run
+directory as a model): the same checks and skipping, without moving anything.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ from etils import epath
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, into every finalized step folder
 META_ITEM = "meta"
 INTEGRITY_ITEM = "integrity"
+
+
+# The trees to restore (name -> abstract pytree), or a function of the step's meta giving them.
+Targets = dict[str, Any] | Callable[[dict], dict[str, Any]]
 
 
 class CheckpointError(ValueError):
@@ -208,7 +215,21 @@ class TrainCheckpointer:
                 return f"{folder}/{name} is missing"
         return None
 
-    def restore_latest_good(self, targets: dict[str, Any], *,
+    def restore_step(self, step: int, targets: Targets) -> tuple[dict[str, Any], dict]:
+        """(trees, meta) of `step`, checked whole (folder, marker, items, fingerprints); raises
+        CheckpointError naming what is wrong. `targets` may be a function of the step's meta."""
+        problem = self.check_step(step, () if callable(targets) else tuple(targets))
+        if problem is not None:
+            raise CheckpointError(problem)
+        _, meta = self.restore_meta(step)
+        if callable(targets):
+            targets = targets(meta)
+            problem = self.check_step(step, tuple(targets))
+            if problem is not None:
+                raise CheckpointError(problem)
+        return self.restore(step, targets), meta
+
+    def restore_latest_good(self, targets: Targets, *,
                             set_aside: bool = True) -> tuple[int, dict[str, Any], dict]:
         """(step, trees, meta) of the newest checkpoint that restores intact.
 
@@ -216,19 +237,18 @@ class TrainCheckpointer:
         renamed `<step>.damaged-<unix time>` once an intact step is found (kept, so nothing is
         lost, but out of orbax's way so the step can be saved again). Raises CheckpointError when
         there is no checkpoint, or when every one is damaged (listing them; nothing is moved).
+        `targets` may be a function of the step's meta (readers that rebuild the model from it).
         """
         steps = self.all_steps()
         if not steps:
             raise CheckpointError(f"{self.directory}: no checkpoint to resume from")
         damaged: list[tuple[int, str]] = []
         for step in reversed(steps):
-            problem = self.check_step(step, tuple(targets))
-            if problem is None:
-                try:
-                    _, meta = self.restore_meta(step)
-                    trees = self.restore(step, targets)
-                except CheckpointError as err:
-                    problem = str(err)
+            try:
+                trees, meta = self.restore_step(step, targets)
+                problem = None
+            except CheckpointError as err:
+                problem = str(err)
             if problem is None:
                 if damaged:
                     self.log(f"checkpoint: restored step {step} from {self.step_directory(step)} "
@@ -260,6 +280,60 @@ class TrainCheckpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a run's steps from outside the trainer (export-hf, sample, eval)
+# ----------------------------------------------------------------------------------------------
+
+RUN_CHECKPOINTS = "checkpoints"  # a run directory keeps its steps in <run>/checkpoints/<step>/
+
+
+def _is_step_folder(path: Path) -> bool:
+    return path.name.isdigit() and path.is_dir() and ((path / META_ITEM).is_dir() or (path / COMMIT_MARKER).exists())
+
+
+def find_training_steps(path: str | Path) -> tuple[Path, int | None] | None:
+    """Where the training steps behind `path` live, and the step it names: (checkpoints directory,
+    step or None). `path` is a run directory (`<run>/checkpoints/<step>/`), its checkpoints
+    directory, or one step folder. None when `path` is none of these."""
+    path = Path(path).absolute()
+    if not path.is_dir():
+        return None
+    if _is_step_folder(path):
+        return path.parent, int(path.name)
+    for directory in (path / RUN_CHECKPOINTS, path):
+        if directory.is_dir() and any(_is_step_folder(child) for child in directory.iterdir()):
+            return directory, None
+    return None
+
+
+def read_training_step(path: str | Path, targets: Targets, *, step: int | None = None,
+                       log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any], dict]:
+    """(step folder, trees, meta) read from a run directory, its checkpoints directory or a step folder.
+
+    Without `step` (and unless `path` is a step folder) this is the newest intact step: damaged
+    ones are skipped with a message, as a resumed run does, but left where they are (a reader
+    never moves a run's files). A named step must itself be intact.
+    """
+    found = find_training_steps(path)
+    if found is None:
+        raise CheckpointError(f"{path}: not a training run (no {RUN_CHECKPOINTS}/<step>/ folders)")
+    directory, named = found
+    if step is not None and named is not None and step != named:
+        raise CheckpointError(f"{path}: is the folder of step {named}, but step {step} was asked for")
+    step = named if step is None else step
+    checkpointer = TrainCheckpointer(directory, create=False, log=log)
+    try:
+        if step is None:
+            step, trees, meta = checkpointer.restore_latest_good(targets, set_aside=False)
+        else:
+            if step not in checkpointer.all_steps():
+                raise CheckpointError(f"{directory}: no step {step} (steps: {checkpointer.all_steps() or 'none'})")
+            trees, meta = checkpointer.restore_step(step, targets)
+    finally:
+        checkpointer.close()
+    return Path(str(checkpointer.step_directory(step))), trees, meta
 
 
 def _first_line(err: BaseException) -> str:

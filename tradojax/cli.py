@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("tradojax.sft.commands:sft_main", "SFT: block, trace, semi-AR, random masking; block-size adaptation"),
     "rl": ("tradojax.rl.commands:rl_main", "RL: TraceRL (optionally with a value model), random masking, coupled"),
     "import-hf": ("tradojax.models.commands:import_hf_main", "read a Hugging Face checkpoint directory"),
-    "export-hf": ("tradojax.models.commands:export_hf_main", "write a checkpoint in Hugging Face (SDAR) form"),
+    "export-hf": ("tradojax.models.commands:export_hf_main", "write a model or run in Hugging Face form"),
     "data": ("tradojax.data.prepare:data_main", "data prepare NAME --from FILE --out FILE: a downloaded benchmark -> task JSON"),
     "aot": ("tradojax.parallel.aot:main", "compile steps for a TPU topology on this host; print memory and FLOPs"),
 }

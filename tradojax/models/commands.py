@@ -1,10 +1,14 @@
 """`tradojax import-hf` and `tradojax export-hf`: Hugging Face checkpoints <-> native checkpoints.
 
     tradojax import-hf HF_DIR --out CKPT_DIR [--dtype bfloat16|float32]
-    tradojax export-hf CKPT_DIR HF_DIR [--tokenizer TOKENIZER_DIR] [--dtype ...] [--max-shard-size 5GB]
+    tradojax export-hf MODEL HF_DIR [--step N] [--tokenizer TOKENIZER_DIR] [--dtype ...] [--max-shard-size 5GB]
 
-Both place the parameters sharded over all local devices (an `fsdp` mesh), so a model larger than
-one device's memory converts as long as the devices together hold it.
+export-hf reads any model source (models/loading.py): a training run (`tradojax rl|sft --workdir`
+directory, newest intact step or `--step N`; its value model goes to HF_DIR/value/), a params
+checkpoint from import-hf, or a Hugging Face directory. Both place the parameters sharded over all
+local devices (an `fsdp` mesh), so a model larger than one device's memory converts as long as the
+devices together hold it. Bad input (a missing or damaged checkpoint, a full output directory)
+exits with code 2 and a message naming the file.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def _run(prog: str, parser: argparse.ArgumentParser, argv: list[str], body) -> i
         return body(args)
     except (CheckpointError, ConfigError, FileNotFoundError) as err:
         sys.stderr.write(f"tradojax {prog}: error: {err}\n")
-        return 1
+        return 2
 
 
 def import_hf_main(argv: list[str]) -> int:
@@ -78,12 +82,32 @@ def import_hf_main(argv: list[str]) -> int:
     return _run("import-hf", parser, argv, body)
 
 
+def run_tokenizer(name: str | None):
+    """What to write beside a run's export for its config's `tokenizer`: a directory's files, or
+    the built-in tokenizer it names; None when the run named none."""
+    from pathlib import Path
+
+    if name is None:
+        return None
+    if name in ("tiny", "qwen3"):
+        from tradojax.data.tokenizer import tokenizer_from_name
+
+        return tokenizer_from_name(name)
+    return name if Path(name).is_dir() else None
+
+
 def export_hf_main(argv: list[str]) -> int:
-    """`tradojax export-hf CKPT_DIR HF_DIR`: a native checkpoint -> a Hugging Face directory."""
+    """`tradojax export-hf MODEL HF_DIR`: a training run, params checkpoint or HF directory -> HF form."""
     parser = argparse.ArgumentParser(prog="tradojax export-hf", description=export_hf_main.__doc__)
-    parser.add_argument("checkpoint", help="native checkpoint directory (from import-hf or training)")
+    parser.add_argument("checkpoint", metavar="MODEL",
+                        help="a training run directory (or its checkpoints/<step>/ folder), a params checkpoint "
+                             "from import-hf, or a Hugging Face directory")
     parser.add_argument("out_dir", help="Hugging Face directory to write")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory whose files are copied along")
+    parser.add_argument("--step", type=int, default=None,
+                        help="the training step to export (default: the newest intact one)")
+    parser.add_argument("--no-value", action="store_true", help="leave out a run's value model")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer directory whose files are copied along (default: a run's own tokenizer)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="dtype of the written tensors (default: the checkpoint's)")
     parser.add_argument("--max-shard-size", type=parse_size, default="5GB",
@@ -91,14 +115,23 @@ def export_hf_main(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
 
     def body(args) -> int:
-        from tradojax.models.hf import load_params_checkpoint, save_hf_model
+        from pathlib import Path
 
-        config, params = load_params_checkpoint(args.checkpoint, mesh=_fsdp_mesh())
-        out = save_hf_model((config, params), args.out_dir, tokenizer=args.tokenizer,
-                            max_shard_bytes=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite)
-        _say(f"exported {args.checkpoint} -> {out}\n"
-              f"  family {config.family}, {config.num_params():,} parameters, "
-              f"dtype {args.dtype or config.param_dtype}")
+        from tradojax.checkpoint import CheckpointError
+        from tradojax.models.loading import export_model, load_model
+
+        out = Path(args.out_dir)
+        if out.exists() and any(out.iterdir()) and not args.overwrite:  # before reading the model
+            raise CheckpointError(f"{out}: directory exists and is not empty (pass --overwrite)")
+        loaded = load_model(args.checkpoint, step=args.step, mesh=_fsdp_mesh(), with_value=not args.no_value,
+                            log=lambda line: sys.stderr.write(line + "\n"))
+        tokenizer = args.tokenizer if args.tokenizer is not None else run_tokenizer(loaded.tokenizer)
+        out = export_model(loaded.policy, out, value=loaded.value, tokenizer=tokenizer,
+                           max_shard_bytes=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite)
+        config = loaded.policy.config
+        _say(f"exported {loaded.source} -> {out}\n"
+             f"  family {config.family}, {config.num_params():,} parameters, dtype {args.dtype or config.param_dtype}"
+             + (f"\n  value model -> {out / 'value'}" if loaded.value is not None else ""))
         return 0
 
     return _run("export-hf", parser, argv, body)

@@ -43,7 +43,11 @@ from tradojax.models.transformer import DTYPES, Decoder, abstract_model, param_p
 log = logging.getLogger(__name__)
 
 HF_CODE_DIR = Path(__file__).parent / "hf_code"
-HF_CODE_FILES = ("configuration_sdar.py", "modeling_sdar.py")
+# The remote code copied next to each family's export (`trust_remote_code=True` loads it).
+HF_CODE_FILES: dict[str, tuple[str, ...]] = {
+    family: (f"configuration_{family}.py", f"modeling_{family}.py", "diffusion_attention.py")
+    for family in ("sdar", "llada", "dream")
+}
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -406,6 +410,8 @@ def model_config_to_hf(config: ModelConfig, torch_dtype: str | None = None) -> d
             "multi_query_attention": None, "input_emb_norm": False, "scale_logits": False,
             "attention_dropout": 0.0, "residual_dropout": 0.0, "embedding_dropout": 0.0,
             "init_std": c.initializer_range, "use_cache": False, "torch_dtype": dtype, **ids,
+            "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM",
+                         "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
         }
     qwen = {
         "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
@@ -420,7 +426,9 @@ def model_config_to_hf(config: ModelConfig, torch_dtype: str | None = None) -> d
     if c.family == "dream":
         if not c.qkv_bias or c.qk_norm:
             raise HFCheckpointError("Dream form needs qkv_bias=True and qk_norm=False")
-        return {"architectures": ["DreamModel"], "model_type": "Dream", **qwen}
+        return {"architectures": ["DreamModel"], "model_type": "Dream", **qwen,
+                "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel",
+                             "AutoModelForCausalLM": "modeling_dream.DreamModel"}}
     if c.qkv_bias or not c.qk_norm:
         raise HFCheckpointError(
             "SDAR form needs qk_norm=True and qkv_bias=False (a Qwen3 backbone); this model has "
@@ -651,12 +659,13 @@ def _config_and_params(model: Any) -> tuple[ModelConfig, Any]:
 @dataclasses.dataclass
 class _Planned:
     name: str
-    rule: KeyRule
+    rule: KeyRule | None  # None: an extra tensor, written as given (`value`)
     layer: int | None
     shape: tuple[int, ...]
     dtype: np.dtype
     file: int = 0
     offset: int = 0
+    value: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
@@ -676,15 +685,17 @@ def _write_header(handle, tensors: list[_Planned]) -> None:
 
 def save_hf_model(model: Decoder | tuple[ModelConfig, Any], out_dir: str | os.PathLike, tokenizer: Any = None,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: str | None = None,
-                  overwrite: bool = False) -> Path:
-    """Writes a Hugging Face checkpoint directory (SDAR form for sdar; Dream/LLaDA forms for those).
+                  overwrite: bool = False, extra_tensors: Mapping[str, np.ndarray] | None = None) -> Path:
+    """Writes a Hugging Face checkpoint directory in the family's form (SDAR, LLaDA or Dream).
 
     Writes `model.safetensors` or `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`
-    (files up to `max_shard_bytes`), config.json, for sdar our `configuration_sdar.py` /
-    `modeling_sdar.py` (so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
-    loads it), and the tokenizer: an object with `save_pretrained` or a directory to copy files from.
-    Parameters are gathered to the host one at a time; process 0 writes. `dtype` casts on the way
-    ("bfloat16"/"float32"; default: the parameters' own). Returns the directory.
+    (files up to `max_shard_bytes`), config.json, the family's remote code from `hf_code/`
+    (`configuration_<family>.py`, `modeling_<family>.py`, `diffusion_attention.py`: so
+    `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads it), and the
+    tokenizer: an object with `save_pretrained` or a directory to copy files from. Parameters are
+    gathered to the host one at a time; process 0 writes. `dtype` casts on the way
+    ("bfloat16"/"float32"; default: the parameters' own). `extra_tensors` (name -> host array)
+    are written after the parameters (e.g. a value head). Returns the directory.
     """
     config, params = _config_and_params(model)
     out = Path(out_dir)
@@ -705,6 +716,10 @@ def save_hf_model(model: Decoder | tuple[ModelConfig, Any], out_dir: str | os.Pa
             raise CheckpointError(f"parameter {rule.param!r}: cannot export dtype {leaf_dtype}")
         for layer in (range(config.num_layers) if rule.stacked else [None]):
             plan.append(_Planned(rule.name(layer), rule, layer, rule.hf_shape(sizes), leaf_dtype))
+    for name, array in (extra_tensors or {}).items():
+        array = np.asarray(array)
+        plan.append(_Planned(name, None, None, array.shape, np.dtype(dtype) if dtype is not None else array.dtype,
+                             value=array))
     dtype_names = {t.dtype.name for t in plan}
     hf_config = model_config_to_hf(config, "bfloat16" if "bfloat16" in dtype_names else "float32")
     # Greedy packing in plan order: files are then written strictly one after another.
@@ -726,24 +741,33 @@ def save_hf_model(model: Decoder | tuple[ModelConfig, Any], out_dir: str | os.Pa
             stale.unlink(missing_ok=True)
     handle = None
     current = -1
+
+    def emit(t: _Planned, data: np.ndarray) -> None:  # tensors arrive in plan order
+        nonlocal handle, current
+        if t.file != current:
+            if handle is not None:
+                handle.close()
+            current = t.file
+            handle = open(out / file_names[current], "wb")
+            _write_header(handle, files[current])
+        handle.write(np.ascontiguousarray(data.astype(t.dtype)).tobytes())
+
     try:
         by_param: dict[str, list[_Planned]] = {}
         for t in plan:
-            by_param.setdefault(t.rule.param, []).append(t)
+            if t.rule is not None:
+                by_param.setdefault(t.rule.param, []).append(t)
         for param, tensors in by_param.items():
             host = _to_host(leaves[param])  # every process joins the gather
             if not writer:
                 continue
             for t in tensors:
-                if t.file != current:
-                    if handle is not None:
-                        handle.close()
-                    current = t.file
-                    handle = open(out / file_names[current], "wb")
-                    _write_header(handle, files[current])
-                ours = host[t.layer] if t.layer is not None else host
-                handle.write(t.rule.to_hf(ours, sizes).astype(t.dtype).tobytes())
+                emit(t, t.rule.to_hf(host[t.layer] if t.layer is not None else host, sizes))
             del host
+        if writer:
+            for t in plan:
+                if t.rule is None:
+                    emit(t, t.value)
     finally:
         if handle is not None:
             handle.close()
@@ -753,14 +777,45 @@ def save_hf_model(model: Decoder | tuple[ModelConfig, Any], out_dir: str | os.Pa
                      "weight_map": {t.name: file_names[t.file] for t in plan}}
             (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
-        if config.family == "sdar":
-            for name in HF_CODE_FILES:
-                shutil.copyfile(HF_CODE_DIR / name, out / name)
+        for name in HF_CODE_FILES[config.family]:
+            shutil.copyfile(HF_CODE_DIR / name, out / name)
         if hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(str(out))
         for file in copied_tokenizer_files:
             shutil.copyfile(file, out / file.name)
     return out
+
+
+VALUE_HEAD = "value_head.weight"  # [1, hidden]: the original's bias-free Linear(hidden, 1)
+
+
+def save_hf_value_model(value: Any, out_dir: str | os.PathLike, **kwargs) -> Path:
+    """A ValueModel as the original saves its value model: the backbone in the family's form plus
+    `value_head.weight` [1, hidden]. `kwargs` as for `save_hf_model`."""
+    head = _to_host(value.value_head)[None, :]
+    return save_hf_model(value.backbone, out_dir, extra_tensors={VALUE_HEAD: head}, **kwargs)
+
+
+def load_hf_value_model(path: str | os.PathLike, mesh: Mesh | None = None, role: str = "train") -> Any:
+    """Reads a value model written by `save_hf_value_model` (or the original's) into a ValueModel."""
+    from tradojax.models.value import ValueModel
+
+    backbone, config = load_hf_model(path, mesh=mesh, role=role)
+    with SafetensorsDirectory(path) as files:
+        tensor = files.tensor_slice(VALUE_HEAD)
+        if tuple(tensor.get_shape()) != (1, config.hidden_size):
+            raise HFCheckpointError(f"{files.locate(VALUE_HEAD)}: tensor {VALUE_HEAD!r} has shape "
+                                    f"{list(tensor.get_shape())}, expected [1, {config.hidden_size}]")
+        head = np.asarray(tensor[:])[0].astype(DTYPES[config.param_dtype])
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: ValueModel(config, rngs=nnx.Rngs(params=0))))
+    if mesh is None:
+        sharding = SingleDeviceSharding(jax.local_devices()[0])
+    else:
+        from tradojax.parallel.sharding import param_sharding
+
+        sharding = param_sharding("value_head", head.shape, mesh, role)
+    state = nnx.State({"backbone": nnx.state(backbone), "value_head": nnx.Param(jax.device_put(head, sharding))})
+    return nnx.merge(graphdef, state)
 
 
 def tokenizer_files(directory: str | os.PathLike) -> list[Path]:

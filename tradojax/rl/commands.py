@@ -1,8 +1,9 @@
-"""`tradojax rl --config FILE [--config.a.b=v ...] [--resume] [--workdir DIR]`."""
+"""`tradojax rl --config FILE [--config.a.b=v ...] [--resume] [--workdir DIR] [--export-hf DIR]`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -15,9 +16,15 @@ def rl_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tradojax rl", description="RL (TraceRL, random masking, coupled)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the workdir")
     parser.add_argument("--workdir", help="run directory (default: experiment.workdir)")
+    parser.add_argument("--export-hf", metavar="DIR",
+                        help="write the final policy (and value model, in DIR/value/) in Hugging Face form")
     args = parser.parse_args(rest)
     if config_path is None:
         parser.error("--config=FILE is required")
+    if args.export_hf and Path(args.export_hf).exists() and any(Path(args.export_hf).iterdir()):
+        # checked now, not after hours of training
+        sys.stderr.write(f"tradojax rl: --export-hf {args.export_hf}: directory exists and is not empty\n")
+        return 2
     config = load_config(config_path, overrides)
 
     from tradojax.parallel.distributed import initialize_from_environment
@@ -45,6 +52,9 @@ def rl_main(argv: list[str]) -> int:
         except Preempted as stop:
             print(stop)
             return 0
+    if policy.config != config.model:  # e.g. a Hugging Face checkpoint: its own config.json wins
+        print(f"rl: using the policy's model config (family {policy.config.family!r}) instead of config.model")
+        config = dataclasses.replace(config, model=policy.config)  # so the run's steps record it
     trainer = RLTrainer(config, policy, tokenizer, workdir=workdir, train_tasks=train_tasks,
                         eval_tasks=load_tasks(config.data, "eval"), mesh=mesh)
 
@@ -74,4 +84,13 @@ def rl_main(argv: list[str]) -> int:
             print(stop)
             return 0
     print(f"done: {config.rl.steps} steps; metrics in {workdir}/metrics.jsonl, checkpoints in {workdir}/checkpoints")
+    if args.export_hf:
+        from flax import nnx
+
+        from tradojax.models.loading import export_model
+
+        value = nnx.merge(trainer.value_graphdef, trainer.value_params) if config.rl.value_model else None
+        out = export_model(trainer.sampler_model(), args.export_hf, value=value, tokenizer=tokenizer)
+        print(f"exported the policy in Hugging Face form to {out}"
+              + (f" (value model in {out}/value)" if value is not None else ""))
     return 0

@@ -149,8 +149,8 @@ def _run(config, sft: SFTConfig, args) -> int:
     print(f"done: {config.train.steps} steps; metrics in {workdir}/sft_metrics.jsonl, "
           f"checkpoints in {trainer.checkpointer.directory}")
     if args.export_hf:
-        from tradojax.models.hf import save_hf_model
+        from tradojax.models.loading import export_model
 
-        out = save_hf_model(trainer.policy(), args.export_hf, tokenizer=tokenizer)
+        out = export_model(trainer.policy(), args.export_hf, tokenizer=tokenizer)
         print(f"exported the model in Hugging Face form to {out}")
     return 0

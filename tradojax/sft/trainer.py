@@ -383,7 +383,9 @@ class SFTTrainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _meta(self) -> dict:
+        # "model": the exported model's config (block-size adaptation included), for readers of the run
         return {"step": self.step, "history": self.history, "config": to_dict(self.config), "mode": self.mode,
+                "model": to_dict(self.policy().config),
                 "sft": to_dict(self.sft), "plan": self.plan.fingerprint()}
 
     def save(self) -> None:
