@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tradojax.rewards import RewardPool, SandboxLimits
-from tradojax.rewards.sandbox import _LineReader, list_sandbox_processes, probe_isolation
+from tradojax.rewards.sandbox import BoundedLineReader, list_sandbox_processes, probe_isolation
 from proc_tree import descendants
 
 UID_BASE = 0x40000000 + (os.getpid() % 128) * (1 << 22)
@@ -313,7 +313,7 @@ def test_program_text_reaches_the_caller_clipped(pool: RewardPool) -> None:
 
 
 def test_line_reader_is_linear_and_bounded() -> None:
-    reader = _LineReader(64 << 10)
+    reader = BoundedLineReader(64 << 10)
     start = time.monotonic()
     lines = []
     for _ in range(4096):  # 4 MiB in 1 KiB chunks, one line per 100 bytes

@@ -34,8 +34,8 @@ Layers of isolation (spec 10 item 19: the original ran tests in a plain subproce
    file, directory or path socket (``/run``, ``/home``, ``/etc``, the repository) is reachable.
 3. Each sandboxed process drops to a **per-run uid** (``uid_base + runner pid``, unique while
    the runner lives), so it cannot signal or trace the runner, the pool or the trainer, and
-   ``RLIMIT_NPROC`` counts only its own processes. The judge is not dumpable (it changed uid
-   without exec), so the program server, which shares its uid, cannot trace or read it.
+   ``RLIMIT_NPROC`` counts only its own processes. The judge makes itself not dumpable, so the
+   program server, which shares its uid, can neither trace it nor see it in /proc.
 4. Resource limits per process: CPU time (``RLIMIT_CPU``), address space (``RLIMIT_AS``), file
    size (``RLIMIT_FSIZE``, which also caps stdout/stderr, captured in memfds), process count
    (``RLIMIT_NPROC``), open files, no core dumps; ``PR_SET_NO_NEW_PRIVS`` and a parent-death
@@ -96,9 +96,10 @@ from tradojax.rewards.sandbox_os import (
 )
 
 __all__ = [
-    "DEFAULT_UID_BASE", "ExecutionReport", "SandboxLimits", "TestVerdict", "die_with_parent",
-    "kill_sandbox_run", "kill_uid_processes", "list_sandbox_processes", "live_parents",
-    "probe_isolation", "run_function_tests", "run_stdio_tests", "sandbox_uid",
+    "BoundedLineReader", "DEFAULT_UID_BASE", "ExecutionReport", "SandboxLimits", "TestVerdict",
+    "die_with_parent", "function_phases", "kill_sandbox_run", "kill_uid_processes",
+    "list_sandbox_processes", "live_parents", "probe_isolation", "run_function_tests",
+    "run_stdio_tests", "sandbox_uid",
 ]
 
 _RUNNER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_runner.py")
@@ -335,7 +336,7 @@ def _run_job(
             proc.stdin.close()
         except BrokenPipeError:
             runner_error = "sandbox runner exited before reading its job"
-        lines = _LineReader(_MAX_EVENT_BYTES)
+        lines = BoundedLineReader(_MAX_EVENT_BYTES)
         streams = {proc.stdout.fileno(): "out", proc.stderr.fileno(): "err"}
         while streams and not done:
             remaining = deadline - time.monotonic()
@@ -395,8 +396,9 @@ def _clip(text: str) -> str:
     return text if len(text) <= _MAX_REASON_CHARS else text[:_MAX_REASON_CHARS] + "..."
 
 
-class _LineReader:
-    """Splits a byte stream into lines, in time linear in its length, refusing long lines."""
+class BoundedLineReader:
+    """Splits a byte stream into lines in time linear in its length; a line longer than
+    `max_line_bytes` sets `overflowed` and is dropped instead of buffered."""
 
     def __init__(self, max_line_bytes: int) -> None:
         self.buffer = bytearray()
