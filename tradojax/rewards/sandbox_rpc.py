@@ -1,8 +1,8 @@
 """Function-style tests judged outside the program: the wire format, the program server and the
 judge's proxies (standard library only).
 
-The program runs in a **program server**, a fresh interpreter that loads the program and then
-answers requests on one socket; it never sees a test's source or expected values. Each test runs
+The program runs in a **program server**, a process that loads the program and then answers
+requests on one socket; it never holds a test's source or expected values. Each test runs
 in a **judge**, a separate sandboxed process that holds the test and executes it with real
 Python, where every name the program defines is a `RemoteRef`: calling it, reading an attribute
 or indexing it is a request to the server. Values cross the socket as plain data only (None,
@@ -15,6 +15,9 @@ What the program can still decide is inherent to its role: the truth value, ``le
 iteration of its own objects, and comparisons between two of its own objects. It never receives
 a test's expected value (a plain value never meets a program object's ``__eq__``: such a
 comparison is False), only the arguments the test passes it.
+
+Cost: each use of a program object from a test is a socket round trip (about 0.2 ms on a loaded
+2-core host: a test making 5000 calls takes about 1 s of its time limit).
 """
 
 from __future__ import annotations
