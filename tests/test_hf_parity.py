@@ -4,6 +4,7 @@ export loads back into `transformers` through our remote code with the same logi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -263,13 +264,14 @@ def padded_full_attention_batch(seed: int, batch=2, length=10):
     return tokens, valid, positions, masks.full_segments(jnp.asarray(valid))
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
-def test_exported_llada_and_dream_load_in_transformers(tmp_path, family):
-    """Our LLaDA (bidirectional, unshifted) and Dream (q/k/v biases, shifted) exports load through
-    their remote code with AutoModelForCausalLM and give our logits, with and without padding."""
+@pytest.mark.parametrize("family, tied", [("llada", False), ("llada", True), ("dream", False)])
+def test_exported_llada_and_dream_load_in_transformers(tmp_path, family, tied):
+    """Our LLaDA (bidirectional, unshifted; output projection or tied embeddings) and Dream (q/k/v
+    biases, shifted) exports load through their remote code with AutoModelForCausalLM and give our
+    logits, with and without padding."""
     from test_hf import FAMILIES, random_params
 
-    config = FAMILIES[family]
+    config = dataclasses.replace(FAMILIES[family], tie_word_embeddings=tied)
     model = nnx.merge(nnx.split(hf.abstract_model(config))[0], random_params(config, seed=11))
     out = hf.save_hf_model(model, tmp_path / family)
     assert {"configuration_" + family + ".py", "modeling_" + family + ".py", "diffusion_attention.py"} <= {
