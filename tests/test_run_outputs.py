@@ -1,9 +1,11 @@
 """A run's output is a model: a short `tradojax rl` run on the tiny config exports itself with
 `--export-hf` (policy and value model), the export loads in `transformers` with the trainer's
-logits, and `export-hf`, `sample` and `eval` read the run directory itself (damaged steps skipped)."""
+logits, and `export-hf`, `sample` and `eval` read the run directory itself (damaged steps skipped).
+Those are slow (a real run); the fast lane reads steps saved by hand as the trainers save them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -13,13 +15,12 @@ import pytest
 from flax import nnx
 
 from tradojax import cli
-from tradojax.checkpoint import COMMIT_MARKER
+from tradojax.checkpoint import COMMIT_MARKER, CheckpointError, TrainCheckpointer
+from tradojax.config import load_config, to_dict
 from tradojax.models import hf
 from tradojax.models.loading import load_model
-from tradojax.models.transformer import apply
+from tradojax.models.transformer import apply, init_model
 from tradojax.ops import masks
-
-pytestmark = pytest.mark.slow
 
 TOLERANCE = 1e-5  # max |logit (value) difference| in float32; logits and values are O(1..10)
 TINY_RL = ["--config", "configs/rl_tiny.py", "--config.warm_start.steps=2", "--config.warm_start.batch_size=8",
@@ -51,6 +52,7 @@ def block_causal_batch(seed: int, batch=2, length=11, block_size=4):
     return tokens, positions, segments, dense
 
 
+@pytest.mark.slow
 def test_rl_export_loads_in_transformers_with_the_trainers_logits(rl_run):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -89,6 +91,7 @@ def test_rl_export_loads_in_transformers_with_the_trainers_logits(rl_run):
     assert np.abs(values - (hidden @ head).numpy()).max() < TOLERANCE
 
 
+@pytest.mark.slow
 def test_export_hf_reads_the_run_skipping_a_damaged_step(rl_run, tmp_path, capsys):
     run, export = rl_run
     copy = tmp_path / "run"
@@ -113,6 +116,7 @@ def test_export_hf_reads_the_run_skipping_a_damaged_step(rl_run, tmp_path, capsy
     assert not (tmp_path / "one" / "value").exists()
 
 
+@pytest.mark.slow
 def test_sample_and_eval_read_the_run_directory(rl_run, tmp_path, capsys):
     run, export = rl_run
     outputs = {}
@@ -136,6 +140,7 @@ def test_sample_and_eval_read_the_run_directory(rl_run, tmp_path, capsys):
     assert result["num_tasks"] == 2 and 0 < result["mean_length"] <= 8
 
 
+@pytest.mark.slow
 def test_sft_export_and_export_hf_of_the_run_agree(tmp_path, capsys):
     """`tradojax sft --export-hf` and `tradojax export-hf RUN` write the same model, block-size
     adaptation included (the step records the adapted model config)."""
@@ -149,3 +154,50 @@ def test_sft_export_and_export_hf_of_the_run_agree(tmp_path, capsys):
         assert (direct / name).read_bytes() == (later / name).read_bytes(), name
     meta = json.loads((workdir / "checkpoints" / "1" / "meta" / "metadata").read_text())
     assert meta["model"]["block_size"] == 8 and meta["config"]["model"]["block_size"] == 4
+
+
+# ------------------------------------------------------------------------- fast lane: a run written by hand
+
+
+def test_a_run_directory_reads_as_a_model(tmp_path, capsys):
+    """Steps saved as the trainers save them read back as models: the step's own model config
+    (`meta["model"]`) wins over the run config's (`meta["config"]["model"]`, all older runs have)."""
+    config = load_config("configs/tiny.py")
+    old_style, new_style = init_model(config.model, seed=3), init_model(config.model, seed=4)
+    checkpointer = TrainCheckpointer(tmp_path / "run" / "checkpoints", log=lambda _: None)
+    checkpointer.save(5, {"policy": nnx.state(old_style)}, {"step": 5, "config": to_dict(config)})
+    adapted = dataclasses.replace(config.model, block_size=8)
+    checkpointer.save(6, {"policy": nnx.state(new_style)},
+                      {"step": 6, "config": to_dict(config), "model": to_dict(adapted)})
+    checkpointer.save(7, {"policy": nnx.state(new_style)}, {"step": 7})
+    checkpointer.close()
+
+    newest = load_model(tmp_path / "run", log=lambda _: None)  # step 7 names no model: skipped as damaged
+    assert newest.policy.config == adapted and newest.source.startswith("step 6 of")
+    assert flat(nnx.state(newest.policy)).keys() == flat(nnx.state(new_style)).keys()
+    assert all(np.array_equal(a, b) for a, b in zip(flat(nnx.state(newest.policy)).values(),
+                                                    flat(nnx.state(new_style)).values()))
+    older = load_model(tmp_path / "run" / "checkpoints" / "5")
+    assert older.policy.config == config.model and older.value is None and older.tokenizer == "tiny"
+    assert all(np.array_equal(a, b) for a, b in zip(flat(nnx.state(older.policy)).values(),
+                                                    flat(nnx.state(old_style)).values()))
+    with pytest.raises(CheckpointError, match="holds no model config"):
+        load_model(tmp_path / "run", step=7)
+
+    assert cli.main(["export-hf", str(tmp_path / "run"), str(tmp_path / "out"), "--step", "5"]) == 0
+    exported, exported_config = hf.load_hf_model(tmp_path / "out")
+    assert exported_config == config.model and (tmp_path / "out" / "tokenizer.json").is_file()
+    assert all(np.array_equal(a, b) for a, b in zip(flat(nnx.state(exported)).values(),
+                                                    flat(nnx.state(old_style)).values()))
+    capsys.readouterr()
+    assert cli.main(["export-hf", str(tmp_path / "run"), str(tmp_path / "out2"), "--step", "9"]) == 2
+    assert "no step 9 (steps: [5, 6, 7])" in capsys.readouterr().err
+
+
+def test_rl_refuses_a_full_export_directory_before_training(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model.safetensors").write_bytes(b"keep me")
+    assert cli.main(["rl", "--config", "configs/rl_tiny.py", "--workdir", str(tmp_path / "run"),
+                     "--export-hf", str(tmp_path / "out")]) == 2
+    assert f"--export-hf {tmp_path / 'out'}: directory exists and is not empty" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and (tmp_path / "out" / "model.safetensors").read_bytes() == b"keep me"
