@@ -346,7 +346,8 @@ class Config:
     # An SFT stage before RL (`tradojax rl`, `tradojax demo`): block SFT with these optimisation
     # settings on the training tasks' worked solutions (synthetic tasks). None = start RL directly.
     warm_start: TrainConfig | None = None
-    # Weights: a local Hugging Face directory, or None for random initialisation.
+    # Weights: a local Hugging Face directory, a params checkpoint (import-hf) or a training run
+    # directory (its newest intact step; models/loading.py), or None for random initialisation.
     hf_checkpoint: str | None = None
     tokenizer: str | None = None  # a local tokenizer directory, "tiny" or "qwen3"
 
