@@ -1,4 +1,5 @@
-"""A tiny block-diffusion model for tests and the CPU demo (random init or trained by `tradojax demo`)."""
+"""A tiny block-diffusion model for tests and the CPU demo (random init or trained by `tradojax demo`);
+`tradojax rl --config configs/tiny.py` runs two smoke-test RL steps in a few CPU minutes."""
 
 import ml_collections
 
@@ -27,4 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
     )
     config.sampling = dict(block_size=4, denoising_steps=4, max_new_tokens=32, prompt_buckets=[32, 64, 128])
     config.tokenizer = "tiny"
+    # The easiest synthetic level holds 345 distinct questions: ask for fewer.
+    config.data = dict(synthetic_train_size=256, synthetic_eval_size=16)
+    # `tradojax rl --config configs/tiny.py` is a smoke run: two small steps from random weights, whose
+    # answers are never right (every group is filtered out: no update). configs/rl_tiny.py is RL that learns.
+    config.rl = dict(steps=2, num_tasks_per_step=4, num_responses_per_task=4, reward_workers=1)
     return config

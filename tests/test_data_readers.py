@@ -171,6 +171,47 @@ def test_bad_json_syntax_and_structure(tmp_path):
         read_math_tasks(path)
 
 
+GOOD_LINE = json.dumps(MATH_ROWS[0]).encode() + b"\n"
+
+
+@pytest.mark.parametrize("name, content, location", [
+    # invalid UTF-8: the line, and the byte offset (in the line for JSONL, in the file for JSON)
+    ("bad.jsonl", GOOD_LINE + b'{"question": "\xff\xfe", "ground_truth_answer": "1"}\n',
+     r"bad\.jsonl: line 2: invalid UTF-8 at column 15 \(byte 14 of the line\)"),
+    ("bad.json", b"[" + GOOD_LINE + b', {"question": "\xc3\x28", "ground_truth_answer": "1"}]',
+     rf"bad\.json: line 2: invalid UTF-8 at byte {len(GOOD_LINE) + 17}"),  # 1 + line + 16
+    # nesting past Python's recursion limit: a message, not a RecursionError
+    ("deep.json", b"[" * 100_000 + b"]" * 100_000, r"deep\.json: line 1: JSON nested 100000 levels deep"),
+    ("deep.jsonl", GOOD_LINE * 2 + b"[" * 100_000 + b"]" * 100_000 + b"\n",
+     r"deep\.jsonl: line 3: JSON nested 100000 levels deep"),
+    ("deep_field.jsonl", b'{"question": ' + b"[" * 50_000 + b"]" * 50_000 + b', "ground_truth_answer": "1"}',
+     r"deep_field\.jsonl: line 1: JSON nested 50001 levels deep \(at column 50013\)"),
+    # an integer over Python's 4300-digit conversion limit
+    ("huge_int.json", b'[\n{"question": "q",\n "ground_truth_answer": ' + b"9" * 5000 + b"}]",
+     r"huge_int\.json: line 3: invalid JSON: Exceeds the limit"),
+    ("huge_int.jsonl", b'{"question": "q", "ground_truth_answer": ' + b"9" * 5000 + b"}\n",
+     r"huge_int\.jsonl: line 1: invalid JSON: Exceeds the limit"),
+])
+def test_undecodable_files_name_the_line(tmp_path, name, content, location):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataFormatError, match=location):
+        read_math_tasks(path)
+
+
+def test_parquet_with_bytes_or_a_cut_file(tmp_path):
+    path = tmp_path / "binary.parquet"
+    pq.write_table(pa.table({"question": [b"\xff\xfe"], "ground_truth_answer": ["1"]}), path)
+    with pytest.raises(DataFormatError, match=r"binary\.parquet: item 0: field 'question': expected a string, got bytes"):
+        read_math_tasks(path)
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.Table.from_pylist(MATH_ROWS[:2]), good)
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(DataFormatError, match=r"cut\.parquet: unreadable parquet file"):
+        read_math_tasks(cut)
+
+
 def test_records_are_hashable_values():
     a = MathTask("q", "1", extra={"source": "x"})
     b = MathTask("q", "1", extra={"source": "y"})

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -128,6 +129,80 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _deepest_nesting(text: str) -> tuple[int, int]:
+    """(depth, index) of the first deepest ``[``/``{`` outside JSON strings (error path only)."""
+    depth = deepest = where = 0
+    in_string = escaped = False
+    for index, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, where = depth, index
+        elif char in "]}":
+            depth -= 1
+    return deepest, where
+
+
+def _line_and_column(text: str, index: int) -> tuple[int, int]:
+    line_start = text.rfind("\n", 0, index) + 1
+    return text.count("\n", 0, index) + 1, index - line_start + 1
+
+
+def _decode_utf8(raw: bytes, file: str, first_line: int = 1, location: str | None = None) -> str:
+    """`raw` as text; invalid UTF-8 names its line and byte offset (in the file when `location` is None)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + raw.count(b"\n", 0, err.start)
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        where = location or f"line {line}"
+        at = f"byte {err.start}" if location is None else f"column {column} (byte {err.start} of the line)"
+        raise DataFormatError(f"invalid UTF-8 at {at}: {err.reason} "
+                              f"(byte 0x{raw[err.start]:02x}); data files must be UTF-8 text",
+                              file=file, location=where) from None
+
+
+def parse_json_text(text: str, file: str, location: str | None = None) -> Any:
+    """json.loads with every failure (syntax, nesting past the recursion limit, 5000-digit integers)
+    turned into a DataFormatError naming the line (`location` for one JSONL line, else from the error)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        where = location or f"line {err.lineno}"
+        raise DataFormatError(f"invalid JSON ({err.msg} at column {err.colno})", file=file, location=where) from None
+    except RecursionError:
+        depth, index = _deepest_nesting(text)
+        line, column = _line_and_column(text, index)
+        where = location or f"line {line}"
+        raise DataFormatError(f"JSON nested {depth} levels deep (at column {column}): too deep to read",
+                              file=file, location=where) from None
+    except ValueError as err:  # e.g. an integer literal over Python's 4300-digit conversion limit
+        if location is None:
+            long_number = re.search(r"\d{4300}", text)
+            if long_number:
+                location = f"line {_line_and_column(text, long_number.start())[0]}"
+        raise DataFormatError(f"invalid JSON: {err}", file=file, location=location) from None
+
+
+def read_utf8_text(path: str | os.PathLike) -> str:
+    """A whole text file; invalid UTF-8 or an unreadable file is a DataFormatError naming line and byte."""
+    file = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise DataFormatError(f"cannot read the file: {err.strerror or err}", file=file) from None
+    return _decode_utf8(raw, file)
+
+
 def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``(location, record)`` from a .json list, .jsonl or .parquet file, checking the syntax."""
     file = str(path)
@@ -135,45 +210,47 @@ def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, A
     if not p.is_file():
         raise DataFormatError("file does not exist", file=file)
     suffix = p.suffix.lower()
-    if suffix == ".jsonl":
-        with p.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                location = f"line {line_number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataFormatError(f"invalid JSON ({err.msg} at column {err.colno})", file=file, location=location) from err
-                if not isinstance(record, dict):
-                    raise DataFormatError(f"expected a JSON object, got {_type_name(record)}", file=file, location=location)
-                yield location, record
-    elif suffix == ".json":
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise DataFormatError(
-                f"invalid JSON ({err.msg} at column {err.colno})", file=file, location=f"line {err.lineno}"
-            ) from err
-        if not isinstance(data, list):
-            raise DataFormatError(f"expected a JSON list of objects at the top level, got {_type_name(data)}", file=file)
-        for index, record in enumerate(data):
-            location = f"item {index}"
-            if not isinstance(record, dict):
-                raise DataFormatError(f"expected a JSON object, got {_type_name(record)}", file=file, location=location)
-            yield location, record
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(p)
-        except Exception as err:  # pyarrow raises ArrowInvalid / OSError for a corrupt file
-            raise DataFormatError(f"unreadable parquet file: {err}", file=file) from err
-        for index, record in enumerate(table.to_pylist()):
-            # A parquet column exists for every row; a null there means the field is absent.
-            yield f"item {index}", {key: value for key, value in record.items() if value is not None}
-    else:
+    if suffix not in (".jsonl", ".json", ".parquet"):
         raise DataFormatError(f"unsupported file type {suffix!r} (expected .json, .jsonl or .parquet)", file=file)
+    try:
+        if suffix == ".parquet":
+            yield from _iter_parquet(p, file)
+            return
+        with p.open("rb") as handle:
+            if suffix == ".jsonl":
+                for line_number, raw_line in enumerate(handle, start=1):
+                    location = f"line {line_number}"
+                    line = _decode_utf8(raw_line, file, line_number, location)
+                    if not line.strip():
+                        continue
+                    record = parse_json_text(line, file, location)
+                    if not isinstance(record, dict):
+                        raise DataFormatError(f"expected a JSON object, got {_type_name(record)}", file=file,
+                                              location=location)
+                    yield location, record
+                return
+            data = parse_json_text(_decode_utf8(handle.read(), file), file, None)
+    except OSError as err:  # unreadable (permissions, I/O error)
+        raise DataFormatError(f"cannot read the file: {err.strerror or err}", file=file) from None
+    if not isinstance(data, list):
+        raise DataFormatError(f"expected a JSON list of objects at the top level, got {_type_name(data)}", file=file)
+    for index, record in enumerate(data):
+        location = f"item {index}"
+        if not isinstance(record, dict):
+            raise DataFormatError(f"expected a JSON object, got {_type_name(record)}", file=file, location=location)
+        yield location, record
+
+
+def _iter_parquet(p: Path, file: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(p).to_pylist()
+    except Exception as err:  # pyarrow raises ArrowInvalid / OSError / UnicodeDecodeError for a corrupt file
+        raise DataFormatError(f"unreadable parquet file: {err}", file=file) from None
+    for index, record in enumerate(rows):
+        # A parquet column exists for every row; a null there means the field is absent.
+        yield f"item {index}", {key: value for key, value in record.items() if value is not None}
 
 
 # ----------------------------------------------------------------------------- field validation

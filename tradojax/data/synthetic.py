@@ -180,8 +180,11 @@ def synthetic_math_tasks(
     tasks: list[MathTask] = []
     seen: set[str] = set()
     attempts, max_attempts = 0, 50 * n + 1000
+    last_new = 0  # the draw that found the latest new question
     while len(tasks) < n:
-        if attempts >= max_attempts:
+        # Far more draws than questions found without a new one: the levels are exhausted (fail now,
+        # not after 50 * n draws).
+        if attempts >= max_attempts or (unique and attempts - last_new > 10 * len(seen) + 1000):
             raise ValueError(
                 f"found only {len(tasks)} distinct questions for kinds={chosen_kinds} difficulty={levels} "
                 f"after {attempts} draws; ask for fewer than {n} tasks or raise the difficulty"
@@ -194,6 +197,7 @@ def synthetic_math_tasks(
             if task.question in seen:
                 continue
             seen.add(task.question)
+            last_new = attempts
         tasks.append(task)
     return tasks
 

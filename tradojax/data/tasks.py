@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from tradojax.config import DataConfig
+from tradojax.config import ConfigError, DataConfig
 from tradojax.data.readers import CodeTask, MathTask, read_records
 
 Split = Literal["train", "eval"]
@@ -17,9 +17,14 @@ def load_tasks(config: DataConfig, split: Split) -> list[MathTask] | list[CodeTa
     if source == "synthetic":
         from tradojax.data.synthetic import synthetic_math_splits
 
-        train, held_out = synthetic_math_splits(config.synthetic_train_size, config.synthetic_eval_size,
-                                                config.seed, config.synthetic_difficulty,
-                                                kinds=config.synthetic_kinds or None)
+        try:
+            train, held_out = synthetic_math_splits(config.synthetic_train_size, config.synthetic_eval_size,
+                                                    config.seed, config.synthetic_difficulty,
+                                                    kinds=config.synthetic_kinds or None)
+        except ValueError as err:  # too many tasks for the levels, or a bad level or kind
+            raise ConfigError(f"data.synthetic_train_size={config.synthetic_train_size}, synthetic_eval_size="
+                              f"{config.synthetic_eval_size}, synthetic_difficulty={config.synthetic_difficulty}, "
+                              f"synthetic_kinds={list(config.synthetic_kinds)}: {err}") from None
         return train if split == "train" else held_out
     if source == "humaneval":
         from tradojax.data.humaneval import load_humaneval

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tradojax.config import MeshConfig
+from tradojax.config import ConfigError, MeshConfig
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -48,10 +48,10 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] |
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"mesh: {len(devices)} devices are not divisible by the fixed axes {sizes}")
+            raise ConfigError(f"mesh: {len(devices)} devices are not divisible by the fixed axes {sizes}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {len(devices)} devices are available")
+        raise ConfigError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {len(devices)} devices are available")
     try:
         from jax.experimental import mesh_utils
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tradojax.config import Config, ConfigError, load_config, split_config_args
+from tradojax.data import readers
 
 
 class CommandError(ValueError):
@@ -33,13 +34,27 @@ class CommandError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
+def _read_text(path: str | Path) -> str:
+    try:  # invalid UTF-8 names the line and byte
+        return readers.read_utf8_text(path)
+    except readers.DataFormatError as err:
+        raise CommandError(str(err)) from None
+
+
+def _parse_json(text: str, file: str, location: str | None = None) -> Any:
+    try:  # bad syntax, nesting past the recursion limit, huge integers: named, no traceback
+        return readers.parse_json_text(text, file, location)
+    except readers.DataFormatError as err:
+        raise CommandError(str(err)) from None
+
+
 def read_prompts_file(path: str | Path) -> list[str]:
     """Prompts from a file: JSONL (objects with "prompt" or "question", or JSON strings), a JSON list
     (of such objects or strings), or plain text with one prompt per line. Blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
         raise CommandError(f"prompts file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
 
     def from_item(item: Any, where: str) -> str:
         if isinstance(item, str):
@@ -52,10 +67,7 @@ def read_prompts_file(path: str | Path) -> list[str]:
         raise CommandError(f"{where}: expected a string or an object, got {type(item).__name__}")
 
     if path.suffix == ".json":
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise CommandError(f"{path}: line {err.lineno}: invalid JSON: {err.msg}") from None
+        items = _parse_json(text, str(path))
         if not isinstance(items, list):
             raise CommandError(f"{path}: expected a JSON list of prompts, got {type(items).__name__}")
         prompts = [from_item(item, f"{path}: item {i}") for i, item in enumerate(items)]
@@ -65,10 +77,7 @@ def read_prompts_file(path: str | Path) -> list[str]:
         prompts = []
         for number, line in lines:
             if is_jsonl:
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise CommandError(f"{path}: line {number}: invalid JSON: {err.msg}") from None
+                item = _parse_json(line, str(path), f"line {number}")
                 prompts.append(from_item(item, f"{path}: line {number}"))
             else:
                 prompts.append(line)
@@ -278,14 +287,13 @@ def _record_from_file(path: str, row: int) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise CommandError(f"trace file {file} does not exist")
-    lines = [(n, line) for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1) if line.strip()]
+    lines = [(n, line) for n, line in enumerate(_read_text(file).splitlines(), start=1) if line.strip()]
     if not 0 <= row < len(lines):
         raise CommandError(f"{file}: --row {row} is out of range (the file has {len(lines)} records)")
     number, line = lines[row]
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise CommandError(f"{file}: line {number}: invalid JSON: {err.msg}") from None
+    record = _parse_json(line, str(file), f"line {number}")
+    if not isinstance(record, dict):
+        raise CommandError(f"{file}: line {number}: expected a JSON object, got {type(record).__name__}")
     for key in ("token_ids", "step_map"):
         if not isinstance(record.get(key), list):
             raise CommandError(f"{file}: line {number}: missing list field {key!r}")
