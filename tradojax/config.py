@@ -239,6 +239,10 @@ class EvalConfig:
     num_tasks: int = 0  # 0 = all
     max_new_tokens: int = 0  # 0 = sampling.max_new_tokens
     output: str = ""  # results JSON path ("" = <workdir>/eval.json)
+    # tasks per sampler call: each call's results are appended to the JSONL stream as soon as they
+    # are scored (a killed eval loses at most one call's work); part of the sampling seed, so the
+    # same value reproduces a run
+    chunk_tasks: int = 64
     # score responses of >= max_new_tokens - 5 tokens as wrong, as in RL rewards; the original's
     # eval does not (its accuracy is the raw correctness)
     truncation_penalty: bool = False
@@ -250,6 +254,8 @@ class EvalConfig:
             _fail("eval.num_samples", f"must be >= 1, got {self.num_samples}")
         if self.num_tasks < 0 or self.max_new_tokens < 0:
             _fail("eval.num_tasks", "num_tasks and max_new_tokens must be >= 0")
+        if self.chunk_tasks < 1:
+            _fail("eval.chunk_tasks", f"must be >= 1, got {self.chunk_tasks}")
 
 
 @dataclasses.dataclass(frozen=True)
