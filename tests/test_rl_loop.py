@@ -248,16 +248,24 @@ def test_value_model_trains_on_the_originals_1_based_steps(tmp_path, tokenizer):
 
 
 def test_prompts_longer_than_max_prompt_len_are_not_trained(tmp_path, tokenizer):
-    probe = make_trainer(tmp_path, tokenizer, ["rl.steps=1"], "probe")
-    tasks = probe.task_sampler.step_tasks(0)
-    lengths = [len(probe.prompt_ids(i, t)) for i, t in zip(tasks.task_indices, tasks.tasks)]
-    limit = min(lengths)
-    expected = 2 * sum(n > limit for n in lengths)  # 2 responses per task
-    trainer = make_trainer(tmp_path, tokenizer, ["rl.steps=1", f"train.max_prompt_len={limit}"])
+    """Step 1 draws two tasks; one gets a longer question. With train.max_prompt_len at the short
+    prompt's length, that task's 2 responses are rolled out but not trained."""
+    import dataclasses
+
+    config = load_config("configs/tiny.py", OVERRIDES + ["rl.steps=1"])
+    tasks = load_tasks(config.data, "train")
+    probe = RLTrainer(config, load_policy(config), tokenizer, workdir=tmp_path / "probe", train_tasks=tasks)
+    short_index, long_index = probe.task_sampler.step_tasks(0).task_indices[:2]
+    assert short_index != long_index
+    tasks[long_index] = dataclasses.replace(tasks[long_index], question=tasks[long_index].question + " Think twice.")
+    limit = len(probe.prompt_ids(short_index, tasks[short_index]))
+    assert len(probe.prompt_ids(-1, tasks[long_index])) > limit
+    config = load_config("configs/tiny.py", OVERRIDES + ["rl.steps=1", f"train.max_prompt_len={limit}"])
+    trainer = RLTrainer(config, load_policy(config), tokenizer, workdir=tmp_path / "run", train_tasks=tasks)
     (metrics,) = trainer.run()
-    assert metrics["dropped_long_prompts"] == expected
-    assert 0 < expected < 2 * len(lengths)  # this step's prompts differ in length
-    assert metrics["updates"] >= 1
+    assert metrics["dropped_long_prompts"] == 2 and metrics["updates"] >= 1
+    kept = {len(p) for p in trainer._prompt_cache.values()}
+    assert max(kept) > limit  # the long prompt was rolled out
 
 
 def test_rl_prompts_follow_data_strip_final_newline(tmp_path, tokenizer):
