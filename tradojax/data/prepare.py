@@ -306,9 +306,10 @@ def data_main(argv: list[str]) -> int:
         "prepare", help="convert a downloaded benchmark release into the original's JSON schema",
         description="Converts a downloaded release (.parquet/.jsonl/.json with its published column names) "
                     f"into the dLLM-RL task schema. NAME: {', '.join(DATASETS)}.")
-    prep.add_argument("name", metavar="NAME")
-    prep.add_argument("--from", dest="source", required=True, help="the downloaded file")
-    prep.add_argument("--out", required=True, help="output .json (a list, as the original's data/) or .jsonl")
+    prep.add_argument("name", metavar="NAME", help="the dataset (case and '_' do not matter)")
+    prep.add_argument("--from", dest="source", metavar="FILE", required=True, help="the downloaded file")
+    prep.add_argument("--out", metavar="FILE", required=True,
+                      help="output .json (a list, as the original's data/) or .jsonl")
     args = parser.parse_args(argv)
     name = dataset_name(args.name)
     result = prepare(name, args.source)
