@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from tradojax.config import MeshConfig, ModelConfig
-from tradojax.models.transformer import KVCache, apply, init_model
+from tradojax.models.transformer import KVCache, apply, init_model, per_layer_view
+from tradojax.ops import attention as attention_ops
 from tradojax.ops.masks import MaskRule, inference_segments
 from tradojax.parallel.mesh import batch_sharding, make_mesh
 from tradojax.parallel.sharding import shard_params, state_shardings
@@ -122,3 +123,69 @@ def test_sharded_over_8_devices_matches_unsharded():
     got = apply(graphdef, sharded, jax.device_put(tokens, place), jax.device_put(positions, place),
                 jax.device_put(segments, place), MaskRule.BLOCK_DIFFUSION)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_per_layer_view_gives_bit_identical_forwards_and_keeps_the_stored_layout():
+    """The unrolled loop over per-layer weights (the CPU decode path) == the scan over stacked ones,
+    bit for bit: prefill, decode with and without commit, the full forward."""
+    model = init_model(dataclasses.replace(CONFIG, num_layers=3), seed=11)
+    graphdef, stacked = nnx.split(model)
+    per_layer = per_layer_view(stacked)
+    assert isinstance(per_layer["layers"]["q_proj"].get_value(), tuple)
+    assert len(per_layer["layers"]["q_proj"].get_value()) == 3
+    assert len(per_layer_view(per_layer)["layers"]["q_proj"].get_value()) == 3  # idempotent
+    assert stacked["layers"]["q_proj"][...].shape[0] == 3  # the stored (checkpoint) layout is untouched
+    tokens = jax.random.randint(jax.random.key(12), (3, 16), 0, CONFIG.vocab_size)
+    lengths = jnp.array([4, 8, 12])
+
+    @jax.jit
+    def run(params):
+        m = nnx.merge(graphdef, params)
+        cache = m.prefill(tokens, lengths, KVCache.zeros(m.config, 3, 24), 4)
+        block = jax.vmap(lambda row, start: jax.lax.dynamic_slice_in_dim(row, start, 4))(tokens, lengths)
+        peek, _ = m.decode_block(block, cache, commit=False)
+        logits, cache = m.decode_block(block, cache, commit=True)
+        return peek, logits, cache.k, cache.v, block_causal_logits(m, tokens, 4)
+
+    for a, b in zip(run(stacked), run(per_layer)):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+
+
+def attention_f64(q, k_cache, v_cache, lengths, k_block, v_block):
+    """Cached decode attention in float64 numpy, from its definition."""
+    q, k_cache, v_cache, k_block, v_block = (np.asarray(x, np.float64) for x in (q, k_cache, v_cache, k_block, v_block))
+    batch, block, heads, dim = q.shape
+    group = heads // k_cache.shape[2]
+    out = np.zeros(q.shape)
+    for i in range(batch):
+        keys = np.concatenate([k_cache[i, : lengths[i]], k_block[i]])
+        values = np.concatenate([v_cache[i, : lengths[i]], v_block[i]])
+        for h in range(heads):
+            scores = q[i, :, h] @ keys[:, h // group].T / np.sqrt(dim)
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            out[i, :, h] = (probs / probs.sum(-1, keepdims=True)) @ values[:, h // group]
+    return out
+
+
+@pytest.mark.parametrize("lengths", [[0, 5, 30], [33, 64, 10], [100, 99, 0], [0, 0, 0], [100, 100, 100]])
+def test_live_slot_attention_reads_a_prefix_and_matches_float64(lengths):
+    """The reference decode attention over the live cache prefix == float64 attention over exactly
+    [0, length) + the block; stale cache slots (NaN here) are never read into the result."""
+    keys = jax.random.split(jax.random.key(13), 5)
+    batch, block, heads, kv_heads, dim, slots = 3, 4, 8, 2, 16, 100
+    q = jax.random.normal(keys[0], (batch, block, heads, dim))
+    k_cache = jax.random.normal(keys[1], (batch, slots, kv_heads, dim))
+    v_cache = jax.random.normal(keys[2], (batch, slots, kv_heads, dim))
+    k_block = jax.random.normal(keys[3], (batch, block, kv_heads, dim))
+    v_block = jax.random.normal(keys[4], (batch, block, kv_heads, dim))
+    lengths = jnp.array(lengths)
+    prefixes = attention_ops.live_prefixes(slots)
+    assert prefixes[-1] == slots and len(prefixes) > 1
+    longest = int(lengths.max())
+    read = min(p for p in prefixes if p >= longest)
+    # slots past the chosen prefix hold NaN: the result is finite only if they are never read
+    stale = (jnp.arange(slots) >= read)[None, :, None, None]
+    k_cache, v_cache = jnp.where(stale, jnp.nan, k_cache), jnp.where(stale, jnp.nan, v_cache)
+    got = attention_ops.cached_block_attention(q, k_cache, v_cache, lengths, k_block, v_block, impl="reference")
+    want = attention_f64(q, k_cache, v_cache, np.asarray(lengths), k_block, v_block)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-6, rtol=0)

@@ -1,7 +1,12 @@
 """One decoder for SDAR/TraDo (Qwen3 backbone), LLaDA and Dream, selected by config switches.
 
-The layer parameters are stacked on a leading `layers` axis and the network runs as one
-`lax.scan` over them: compile time does not grow with depth, and remat wraps one layer.
+The layer parameters are stacked on a leading `layers` axis (checkpoints, HF import/export, sharding
+rules and AOT all see that layout) and the network runs as one `lax.scan` over them: compile time
+does not grow with depth, and remat wraps one layer. XLA:CPU materialises every weight matrix the
+scan slices out (a dynamic-slice copy of the whole model per forward), so for decoding on CPU
+`per_layer_view(params)` re-presents the same weights as one array per layer (each `layers.*` leaf
+becomes a tuple); the model then runs an unrolled Python loop whose matmuls read every weight in
+place. Both layouts give bit-identical results.
 Parameter names follow the Hugging Face checkpoints (`embed_tokens`, `layers.q_proj`, ...), so the
 key table in `models/hf.py` is a short list of renames and transposes.
 
@@ -144,10 +149,17 @@ class Decoder(nnx.Module):
 
     # ------------------------------------------------------------------ pieces
 
-    def _layer_params(self) -> dict[str, jax.Array]:
+    def _layer_params(self) -> dict[str, jax.Array | tuple[jax.Array, ...]]:
+        """Every layer weight in the compute dtype: stacked arrays, or tuples of per-layer arrays
+        (`per_layer_view`)."""
         compute = DTYPES[self.config.compute_dtype]
-        return {name: value[...].astype(compute) for name, value in vars(self.layers).items()
-                if isinstance(value, nnx.Param)}
+        params = {}
+        for name, variable in vars(self.layers).items():
+            if isinstance(variable, nnx.Param):
+                value = variable.get_value()
+                params[name] = (tuple(w.astype(compute) for w in value) if isinstance(value, tuple)
+                                else value.astype(compute))
+        return params
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         compute = DTYPES[self.config.compute_dtype]
@@ -181,12 +193,23 @@ class Decoder(nnx.Module):
         gated = jax.nn.silu(jnp.einsum("btd,df->btf", h, p["gate_proj"])) * jnp.einsum("btd,df->btf", h, p["up_proj"])
         return x + jnp.einsum("btf,fd->btd", gated, p["down_proj"])
 
-    def _scan(self, body, x: jax.Array, xs: Any):
+    def _layer_loop(self, body, x: jax.Array, layer_params: dict, *per_layer: Any):
+        """x, ys = body(x, (params of layer i, per_layer[..][i])) for every layer, ys stacked on axis 0.
+
+        Stacked weights run as a `lax.scan`; per-layer weights (`per_layer_view`) as an unrolled
+        loop that hands each matmul its own weight array (no slice, so no copy on CPU).
+        """
         if self.config.remat == "full":
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         elif self.config.remat == "dots":
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-        return jax.lax.scan(body, x, xs)
+        if not isinstance(next(iter(layer_params.values())), tuple):
+            return jax.lax.scan(body, x, (layer_params, *per_layer))
+        outputs = []
+        for i in range(self.config.num_layers):
+            x, out = body(x, ({name: w[i] for name, w in layer_params.items()}, *(a[i] for a in per_layer)))
+            outputs.append(out)
+        return x, jax.tree.map(lambda *ys: jnp.stack(ys), *outputs)
 
     # ------------------------------------------------------------------ calls
 
@@ -198,12 +221,13 @@ class Decoder(nnx.Module):
         """
         impl = self.config.attention_impl
 
-        def body(x, p):
+        def body(x, layer):
+            (p,) = layer
             q, k, v = self._qkv(p, x, positions)
             attn = attention_ops.segment_attention(q, k, v, rule, segments, impl=impl)
             return self._finish_layer(p, x, attn), ((k, v) if return_kv else None)
 
-        x, kv = self._scan(body, self.embed(tokens), self._layer_params())
+        x, kv = self._layer_loop(body, self.embed(tokens), self._layer_params())
         return (x, kv) if return_kv else x
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segments: Segments,
@@ -251,7 +275,7 @@ class Decoder(nnx.Module):
                 q, k_cache, v_cache, cache.length, k, v, impl=c.attention_impl)
             return self._finish_layer(p, x, attn), ((k, v) if commit else None)
 
-        hidden, new_kv = self._scan(body, self.embed(block_tokens), (self._layer_params(), cache.k, cache.v))
+        hidden, new_kv = self._layer_loop(body, self.embed(block_tokens), self._layer_params(), cache.k, cache.v)
         out_logits = self.hidden_to_logits(hidden) if logits else None
         if not commit:
             return out_logits, cache
@@ -273,6 +297,23 @@ def init_model(config: ModelConfig, seed: int = 0) -> Decoder:
 def abstract_model(config: ModelConfig) -> Decoder:
     """The model with ShapeDtypeStruct leaves: no memory allocated (for AOT and loading)."""
     return nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(params=0)))
+
+
+def per_layer_view(params: nnx.State) -> nnx.State:
+    """The same weights with every stacked `layers.*` array split into a tuple of per-layer arrays.
+
+    For a caller that runs many forwards with the same weights on CPU (the sampler): the split is
+    one copy of the layer weights, made once, instead of a copy per forward inside the scan. The
+    model accepts either layout and computes the same values; checkpoints and sharding rules only
+    ever see the stacked one. Idempotent.
+    """
+    def split(path, variable):
+        value = variable.get_value()
+        if str(path[0]) != "layers" or isinstance(value, tuple):
+            return variable
+        return variable.replace(tuple(value[i] for i in range(value.shape[0])))
+
+    return nnx.map_state(split, params)
 
 
 def param_paths(params: nnx.State) -> dict[str, Any]:

@@ -59,21 +59,72 @@ def cached_block_attention(
 ) -> jax.Array:
     """The decode step: the block's queries see cache slots [0, cache_length) and the whole block.
 
-    q, k_block, v_block: [B, b, *, D]; k_cache, v_cache: [B, S, Hkv, D]; cache_length: [B] int32.
+    q: [B, Tq, H, D]; k_block, v_block: [B, b, Hkv, D] (every query sees all b of them; b may
+    differ from Tq); k_cache, v_cache: [B, S, Hkv, D]; cache_length: [B] int32. The reference reads
+    only the live cache prefix (`live_cache_attention`); the kernels read only each row's live tiles.
     """
     impl = resolve_impl(impl)
     if impl == "pallas":
         from tradojax.ops.pallas import dispatch
 
         return dispatch.cached_block_attention(q, k_cache, v_cache, cache_length, k_block, v_block)
-    batch, block = q.shape[:2]
-    slots = k_cache.shape[1]
+    return live_cache_attention(q, k_cache, v_cache, cache_length, k_block, v_block)
+
+
+def full_cache_attention(q, k_cache, v_cache, cache_length, k_block, v_block) -> jax.Array:
+    """`cached_block_attention` written out densely: every cache slot, masked (the tests' reference)."""
+    batch, queries = q.shape[:2]
+    slots, block = k_cache.shape[1], k_block.shape[1]
     cache_visible = jnp.arange(slots)[None, :] < cache_length[:, None]
     key_visible = jnp.concatenate([cache_visible, jnp.ones((batch, block), bool)], axis=1)
-    mask = jnp.broadcast_to(key_visible[:, None, :], (batch, block, slots + block))
+    mask = jnp.broadcast_to(key_visible[:, None, :], (batch, queries, slots + block))
     keys = jnp.concatenate([k_cache.astype(k_block.dtype), k_block], axis=1)
     values = jnp.concatenate([v_cache.astype(v_block.dtype), v_block], axis=1)
     return masked_attention(q, keys, values, mask)
+
+
+def live_prefixes(slots: int, min_chunk: int = 32, max_branches: int = 8) -> tuple[int, ...]:
+    """The cache prefix lengths the reference decode attention may read: multiples of a chunk
+    (at least `min_chunk` slots, at most `max_branches` of them), the last one the whole cache."""
+    chunk = max(min_chunk, -(-slots // max_branches))
+    return tuple(min(slots, chunk * i) for i in range(1, -(-slots // chunk) + 1))
+
+
+def live_cache_attention(q, k_cache, v_cache, cache_length, k_block, v_block) -> jax.Array:
+    """The reference decode attention reading only the cache prefix that holds live slots.
+
+    The shortest prefix of `live_prefixes(slots)` covering the batch's longest `cache_length` is
+    chosen at run time (`lax.switch`, one static-shape branch per prefix), so a decode step early in
+    a rollout reads a fraction of the cache. Scores against the cache and against the block are
+    computed separately and share one softmax: the keys are never concatenated (no copy of the cache).
+    """
+    batch, queries, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    qg = q.reshape(batch, queries, kv_heads, heads // kv_heads, dim)
+    scale = dim ** -0.5
+
+    def attend(prefix: int):
+        def run(qg, k_cache, v_cache, cache_length, k_block, v_block):
+            keys, values = k_cache[:, :prefix].astype(k_block.dtype), v_cache[:, :prefix].astype(v_block.dtype)
+            cache_scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, keys, preferred_element_type=jnp.float32) * scale
+            visible = jnp.arange(prefix)[None, :] < cache_length[:, None]
+            cache_scores = jnp.where(visible[:, None, None, None, :], cache_scores, _NEG)
+            block_scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k_block, preferred_element_type=jnp.float32) * scale
+            probs = jax.nn.softmax(jnp.concatenate([cache_scores, block_scores], axis=-1), axis=-1)
+            out = (jnp.einsum("bhgqk,bkhd->bqhgd", probs[..., :prefix].astype(values.dtype), values,
+                              preferred_element_type=jnp.float32)
+                   + jnp.einsum("bhgqk,bkhd->bqhgd", probs[..., prefix:].astype(v_block.dtype), v_block,
+                                preferred_element_type=jnp.float32))
+            return out.reshape(batch, queries, heads, dim).astype(q.dtype)
+
+        return run
+
+    prefixes = live_prefixes(k_cache.shape[1])
+    operands = (qg, k_cache, v_cache, cache_length, k_block, v_block)
+    if len(prefixes) == 1:
+        return attend(prefixes[0])(*operands)
+    branch = jnp.searchsorted(jnp.asarray(prefixes), jnp.max(cache_length), side="left")
+    return jax.lax.switch(jnp.minimum(branch, len(prefixes) - 1), [attend(n) for n in prefixes], *operands)
 
 
 def resolve_impl(impl: str) -> str:
