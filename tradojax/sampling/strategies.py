@@ -4,7 +4,9 @@ Spec sections 2.1 and 2.2. Every function works on one denoising block per row, 
 (the sampler calls them on [batch, b]); none of them knows about models or caches.
 
 Proposal (`sample_tokens`): temperature, then top-k, then top-p (nucleus), then one draw per
-position from the renormalised distribution. The *confidence* is the probability of the drawn
+position from the renormalised distribution, by inverse CDF from one uniform number per position
+(`inverse_cdf_draw`): the cost of the randomness does not grow with the vocabulary (a Gumbel or
+categorical draw needs one random number per logit, 32k-150k per position). The *confidence* is the probability of the drawn
 token under that filtered distribution (so with `top_k=1` every confidence is 1.0), its log is
 the sampler's log-prob of the token, and the entropy of the filtered distribution drives
 `entropy_bounded`.
@@ -95,6 +97,47 @@ def filtered_log_probs(
     return log_probs, token_ids.astype(jnp.int32)
 
 
+CDF_CHUNK = 256  # candidates per chunk of the two-level inverse-CDF search
+
+
+def _last_positive(weights: jax.Array) -> jax.Array:
+    """Index of the last entry > 0 along the last axis (0 if none)."""
+    size = weights.shape[-1]
+    return size - 1 - jnp.argmax(jnp.flip(weights > 0, axis=-1), axis=-1)
+
+
+def _first_above(cumulative: jax.Array, target: jax.Array, weights: jax.Array) -> jax.Array:
+    """The first index whose cumulative weight exceeds `target`, never one of weight 0: an entry
+    of weight 0 repeats its predecessor's cumulative value, so it is passed whenever that one is;
+    rounding that leaves `target` at or past the total falls back to the last positive entry."""
+    index = jnp.sum(cumulative <= target[..., None], axis=-1)
+    return jnp.minimum(index, _last_positive(weights))
+
+
+def inverse_cdf_draw(probs: jax.Array, uniform: jax.Array, chunk: int = CDF_CHUNK) -> jax.Array:
+    """Index i with probability probs[..., i] / sum(probs), from one uniform in [0, 1) per row.
+
+    probs [..., C] >= 0 (zero entries are never drawn), uniform [...]. Two levels for large C: pick
+    the chunk of `chunk` candidates by the cumulative chunk totals, then the candidate inside it,
+    so only C / chunk + chunk cumulative sums are formed, not C. Exact in distribution up to float32
+    rounding of the cumulative sums (relative 1e-7).
+    """
+    size = probs.shape[-1]
+    if size <= chunk:
+        cumulative = jnp.cumsum(probs, axis=-1)
+        return _first_above(cumulative, uniform * cumulative[..., -1], probs)
+    pad = -size % chunk
+    chunks = jnp.pad(probs, [(0, 0)] * (probs.ndim - 1) + [(0, pad)]).reshape(*probs.shape[:-1], -1, chunk)
+    totals = jnp.sum(chunks, axis=-1)
+    cumulative = jnp.cumsum(totals, axis=-1)
+    target = uniform * cumulative[..., -1]
+    which = _first_above(cumulative, target, totals)
+    before = jnp.where(which > 0, jnp.take_along_axis(cumulative, jnp.maximum(which - 1, 0)[..., None], -1)[..., 0], 0.0)
+    inside = jnp.take_along_axis(chunks, which[..., None, None], axis=-2)[..., 0, :]
+    offset = _first_above(jnp.cumsum(inside, axis=-1), target - before, inside)
+    return which * chunk + offset
+
+
 def sample_tokens(
     logits: jax.Array,
     key: jax.Array,
@@ -114,14 +157,14 @@ def sample_tokens(
     if use_top_p is None:
         use_top_p = float(top_p) < 1.0
     log_probs, token_ids = filtered_log_probs(logits, temperature, top_k, top_p, use_top_p)
+    probs = jnp.exp(log_probs)
     if log_probs.shape[-1] == 1:
         choice = jnp.zeros(log_probs.shape[:-1], jnp.int32)
-    else:
-        choice = jax.random.categorical(key, log_probs, axis=-1)
+    else:  # one uniform per position: the key's draws do not depend on the vocabulary
+        choice = inverse_cdf_draw(probs, jax.random.uniform(key, log_probs.shape[:-1], jnp.float32))
     tokens = jnp.take_along_axis(token_ids, choice[..., None], axis=-1)[..., 0]
     logprob = jnp.take_along_axis(log_probs, choice[..., None], axis=-1)[..., 0]
     if with_entropy:
-        probs = jnp.exp(log_probs)
         entropy = -jnp.sum(jnp.where(probs > 0, probs * log_probs, 0.0), axis=-1)
     else:
         entropy = jnp.zeros_like(logprob)
