@@ -80,6 +80,39 @@ def test_bad_config_files(tmp_path):
         load_config(wrong)
 
 
+@pytest.mark.parametrize("body, message", [
+    ("def get_config():\n    raise RuntimeError('boom')\n", r"get_config\(\) raised RuntimeError: boom"),
+    ("def get_config():\n    return get_config()\n", r"get_config\(\) raised RecursionError"),
+    ("import sys\ndef get_config():\n    sys.exit(4)\n", r"get_config\(\) raised SystemExit: 4"),
+    ("import sys\nsys.exit(4)\n", r"failed to import: SystemExit: 4"),
+    ("get_config = 'not a function'\n", r"no get_config\(\) function"),
+])
+def test_config_files_that_raise_or_exit(tmp_path, body, message):
+    path = tmp_path / "user_config.py"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=r"user_config\.py.*" + message):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rl.steps.x=1", r"rl\.steps\.x: rl\.steps = 20 is a value, not a section"),
+    ("tokenizer.x=1", r"tokenizer\.x: tokenizer = 'tiny' is a value"),
+    ("sampling.prompt_buckets.0=3", r"sampling\.prompt_buckets = \[48, 64\] is a value"),
+    ("model..x=1", r"'model\.\.x' is not a dotted field name"),
+    ("rl.=1", r"'rl\.' is not a dotted field name"),
+    ("model.vocab_size=4294967296", r"model\.vocab_size: must be < 2\*\*31"),
+])
+def test_override_mistakes_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/rl_tiny.py", [override])
+
+
+def test_override_into_a_section_left_at_none(tmp_path):
+    path = tmp_path / "none_section.py"
+    path.write_text("def get_config():\n    return {'warm_start': None}\n")
+    assert load_config(path, ["warm_start.steps=3"]).warm_start.steps == 3
+
+
 def test_config_is_frozen_and_hashable():
     config = ModelConfig()
     with pytest.raises(Exception):

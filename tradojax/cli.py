@@ -58,7 +58,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tradojax.config import ConfigError
     from tradojax.data.readers import DataFormatError
 
-    return ConfigError, DataFormatError, CheckpointError, FileNotFoundError
+    # OSError: a path that is not a directory, is not writable, a full disk (the message names the path)
+    errors = [ConfigError, DataFormatError, CheckpointError, OSError]
+    tokenizers = sys.modules.get("tradojax.data.tokenizer")  # slow to import; raises only once imported
+    if tokenizers is not None:
+        errors.append(tokenizers.TokenizerError)
+    return tuple(errors)
 
 
 if __name__ == "__main__":

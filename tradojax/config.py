@@ -73,6 +73,8 @@ class ModelConfig:
                      "num_kv_heads", "head_dim", "max_position_embeddings", "block_size"):
             if getattr(self, name) < 1:
                 _fail(f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+            if getattr(self, name) >= 2**31:  # shapes and ids reach jit as int32
+                _fail(f"model.{name}", f"must be < 2**31, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             _fail("model.num_kv_heads", f"must divide num_heads={self.num_heads}, got {self.num_kv_heads}")
         if self.head_dim % 2:
@@ -481,11 +483,19 @@ def apply_overrides(config_dict: ml_collections.ConfigDict, overrides: list[str]
         key = key.removeprefix("--").removeprefix("config.")
         node = config_dict
         parts = key.split(".")
-        for part in parts[:-1]:
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: {key!r} is not a dotted field name such as rl.steps")
+        for depth, part in enumerate(parts[:-1]):
             if part not in node:  # a section the file leaves at its defaults; from_dict validates names
                 with config_dict.unlocked():
                     node[part] = ml_collections.ConfigDict()
             node = node[part]
+            if node is None:  # an optional section the file sets to None (warm_start = None)
+                with config_dict.unlocked():
+                    node = _set_section(config_dict, parts[:depth + 1])
+            if not isinstance(node, (ml_collections.ConfigDict, dict)):
+                section = ".".join(parts[:depth + 1])
+                _fail(key, f"{section} = {node!r} is a value, not a section with fields")
         value = _parse_override_value(raw)
         if parts[-1] in node and isinstance(node[parts[-1]], float) and isinstance(value, int):
             value = float(value)
@@ -494,6 +504,17 @@ def apply_overrides(config_dict: ml_collections.ConfigDict, overrides: list[str]
                 node[parts[-1]] = value
             except (TypeError, KeyError, AttributeError) as err:
                 _fail(key, str(err))
+
+
+def _set_section(config_dict: ml_collections.ConfigDict, parts: list[str]) -> ml_collections.ConfigDict:
+    parent = config_dict
+    for part in parts[:-1]:
+        parent = parent[part]
+    try:
+        parent[parts[-1]] = ml_collections.ConfigDict()
+    except (TypeError, KeyError, AttributeError, ValueError) as err:
+        _fail(".".join(parts), str(err))
+    return parent[parts[-1]]
 
 
 class _nullcontext:
@@ -514,13 +535,16 @@ def load_config_dict(path: str | Path) -> ml_collections.ConfigDict:
     sys.path.insert(0, str(path.parent.absolute()))  # config files may build on their siblings
     try:
         spec.loader.exec_module(module)
-    except Exception as err:  # the user's file: report it with its name
-        raise ConfigError(f"config file {path} failed to import: {type(err).__name__}: {err}") from err
+    except (Exception, SystemExit) as err:  # the user's file: report it with its name
+        raise ConfigError(f"config file {path} failed to import: {type(err).__name__}: {err}") from None
     finally:
         sys.path.pop(0)
-    if not hasattr(module, "get_config"):
+    if not callable(getattr(module, "get_config", None)):
         raise ConfigError(f"config file {path} has no get_config() function")
-    config_dict = module.get_config()
+    try:
+        config_dict = module.get_config()
+    except (Exception, SystemExit) as err:  # RecursionError and sys.exit() in the user's code too
+        raise ConfigError(f"config file {path}: get_config() raised {type(err).__name__}: {err}") from None
     if isinstance(config_dict, dict):
         config_dict = ml_collections.ConfigDict(config_dict)
     if not isinstance(config_dict, ml_collections.ConfigDict):

@@ -381,8 +381,8 @@ def read_hf_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None 
         raise HFCheckpointError(f"{file}: no config.json in the checkpoint directory {path}")
     try:
         data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise HFCheckpointError(f"{file}: not valid JSON ({err})") from None
+    except (ValueError, RecursionError) as err:  # bad syntax or UTF-8, nesting past the recursion limit
+        raise HFCheckpointError(f"{file}: not valid JSON ({type(err).__name__}: {err})") from None
     if not isinstance(data, dict):
         raise HFCheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
     return model_config_from_hf(data, str(file), overrides)

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from tradojax.config import load_config, split_config_args
+from tradojax.config import ConfigError, load_config, split_config_args
 
 
 def rl_main(argv: list[str]) -> int:
@@ -31,17 +31,23 @@ def rl_main(argv: list[str]) -> int:
 
     initialize_from_environment()  # a multi-host job (TPU pod / GPU cluster) joins before any device use
     from tradojax.data.tasks import load_tasks
-    from tradojax.data.tokenizer import tokenizer_from_name
+    from tradojax.data.tokenizer import TokenizerError, special_token_ids, tokenizer_from_name
     from tradojax.models.loading import load_policy
     from tradojax.parallel.mesh import make_mesh
     from tradojax.checkpoint import Preempted
     from tradojax.rl.loop import RLTrainer
+    from tradojax.sampling.commands import check_tokenizer_matches
 
     workdir = Path(args.workdir or config.experiment.workdir)
     mesh = make_mesh(config.mesh)
-    tokenizer = tokenizer_from_name(config.tokenizer)
+    try:  # a missing or garbled tokenizer, or one without mask/EOS tokens, is refused before any work
+        tokenizer = tokenizer_from_name(config.tokenizer)
+        special_ids = special_token_ids(tokenizer)
+    except TokenizerError as err:
+        raise ConfigError(f"tokenizer: {err}") from None
     train_tasks = load_tasks(config.data, "train")
     policy = load_policy(config, mesh=mesh)
+    check_tokenizer_matches(policy.config, tokenizer, special_ids)  # as `sample` and `sft` do
     if config.warm_start is not None:
         from tradojax.sft.warm_start import warm_start
 

@@ -98,13 +98,15 @@ def _run(config, sft: SFTConfig, args) -> int:
     import numpy as np
 
     from tradojax.data.readers import DataFormatError
-    from tradojax.data.tokenizer import tokenizer_from_name
+    from tradojax.data.tokenizer import special_token_ids, tokenizer_from_name
     from tradojax.models.loading import load_policy
+    from tradojax.sampling.commands import check_tokenizer_matches
     from tradojax.parallel.mesh import make_mesh
     from tradojax.sft.data import load_sft_pairs, synthetic_pair, synthetic_sft_pairs
     from tradojax.sft.trainer import Preempted, SFTTrainer
 
     tokenizer = tokenizer_from_name(config.tokenizer)
+    special_ids = special_token_ids(tokenizer)  # a tokenizer without mask/EOS tokens: TokenizerError
     eval_tasks = []
     if args.synthetic is not None:
         pairs, eval_tasks = synthetic_sft_pairs(args.synthetic, config, tokenizer)
@@ -129,7 +131,9 @@ def _run(config, sft: SFTConfig, args) -> int:
     if mesh.size == 1:
         mesh = None
     workdir = args.workdir or config.experiment.workdir
-    trainer = SFTTrainer(config, load_policy(config, mesh=mesh), pairs, workdir=workdir, held_out=held_out, sft=sft,
+    policy = load_policy(config, mesh=mesh)
+    check_tokenizer_matches(policy.config, tokenizer, special_ids)
+    trainer = SFTTrainer(config, policy, pairs, workdir=workdir, held_out=held_out, sft=sft,
                          mesh=mesh, tokenizer=tokenizer, eval_tasks=eval_tasks)
     print(f"SFT ({sft.mode}, {config.model.family}): {len(trainer.pairs)} examples, "
           f"{sum(trainer.plan.row_counts)} rows, {trainer.plan.batches_per_epoch} batches per epoch, "
