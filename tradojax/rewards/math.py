@@ -19,13 +19,17 @@
 Time limits: math-verify enforces its own with ``signal.alarm``, which only works in the main
 thread. Called from the main thread (as in the reward-pool workers) we pass it whole-second
 timeouts from the time budget; from any other thread we pass ``None`` and the caller (the pool)
-must enforce the limit. Answers longer than ``max_answer_chars`` or nested deeper than
-``max_nesting`` are compared by normalised string only, which keeps pathological LaTeX from
-stalling the parser.
+must enforce the limit. The budget covers math-verify's work (imported and warmed up once per
+process, outside it); a budget that runs out is reported as "not shown equal within the budget",
+not as "not equal". Everything before math-verify is linear in the length and nesting of both
+strings; an answer or ground truth longer than ``max_answer_chars`` is not compared at all, and
+either nested deeper than ``max_nesting`` is compared by normalised string only, which keeps
+pathological LaTeX from stalling the parser.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -309,6 +313,20 @@ def _nesting_depth(text: str) -> int:
     return deepest
 
 
+@functools.cache
+def _math_verify() -> tuple[Any, Any, list, type[BaseException]]:
+    """math-verify's parse, verify, extraction config and timeout exception, imported and warmed up
+    once per process (the import and the first parse's grammar set-up take seconds: not any answer's
+    time budget)."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    from math_verify.errors import TimeoutException
+
+    config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    main_thread = threading.current_thread() is threading.main_thread()
+    parse("\\boxed{1}", extraction_config=config, parsing_timeout=30 if main_thread else None)
+    return parse, verify, config, TimeoutException
+
+
 def _math_verify_equal(gold: str, prediction: str, deadline: float) -> bool | None:
     """math-verify's verdict, or None when the time budget ran out before it could decide.
 
@@ -317,9 +335,7 @@ def _math_verify_equal(gold: str, prediction: str, deadline: float) -> bool | No
     Each (gold, prediction) parse pair is verified on its own so that one pair raising does not
     hide another that matches (as math-verify's own loop over the pairs does).
     """
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-    from math_verify.errors import TimeoutException
-
+    parse, verify, config, TimeoutException = _math_verify()
     in_main_thread = threading.current_thread() is threading.main_thread()
 
     def seconds_left() -> int | None:
@@ -329,7 +345,6 @@ def _math_verify_equal(gold: str, prediction: str, deadline: float) -> bool | No
         # signal.alarm takes whole seconds; off the main thread the pool enforces the limit.
         return max(1, int(remaining)) if in_main_thread else None
 
-    config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
     try:
         gold_parsed = parse("\\boxed{" + gold + "}", extraction_config=config,
                             parsing_timeout=seconds_left(), raise_on_error=True)
@@ -378,7 +393,6 @@ def answers_match(
         return False, "no answer extracted"
     if not prediction.strip():
         return False, "empty answer"
-    deadline = time.monotonic() + time_budget_s
     if len(prediction) > max_answer_chars:
         return False, f"answer too long ({len(prediction)} > {max_answer_chars} characters)"
     if len(ground_truth) > max_answer_chars:
@@ -395,6 +409,8 @@ def answers_match(
     attempts = [(ground_truth, prediction)]
     if (norm_truth, norm_pred) != (ground_truth, prediction) and norm_truth and norm_pred:
         attempts.append((norm_truth, norm_pred))
+    _math_verify()  # (once per process, outside the budget)
+    deadline = time.monotonic() + time_budget_s
     timed_out = False
     for gold, pred in attempts:
         verdict = _math_verify_equal(gold, pred, deadline)
