@@ -388,8 +388,9 @@ def test_thousand_adversarial_items_through_the_pool() -> None:
     assert not [r.reason for r in results if "worker" in r.reason or "verifier" in r.reason]
     timed_out = [r for r in results if r.details["timed_out"]]
     # Undecided within the budget: sympy bombs and ~900-character garbage that math-verify
-    # parses as huge products; the size guards stop everything longer before any parsing.
-    assert 10 <= len(timed_out) <= 100, [r.reason for r in timed_out]
+    # parses as huge products; the size guards stop everything longer before any parsing. How many
+    # run out depends on the machine's speed, so only the ceiling is asserted.
+    assert len(timed_out) <= 100, [r.reason for r in timed_out]
     for result in results:
         # Loose enough for a loaded 2-core box: the budget plus signal.alarm's 1 s granularity.
         limit = budget_s + 1.5 if result.details["timed_out"] else 2.0
