@@ -377,6 +377,7 @@ def test_from_sampling_maps_the_cli_settings():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_sample_command_runs_on_full_attention_models(family, tmp_path, capsys):
     out = tmp_path / "out.jsonl"

@@ -194,7 +194,8 @@ def _stderr_console():
 def _sample_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tradojax sample",
-        description="Sample responses with the block-diffusion sampler. Config: --config FILE and "
+        description="Sample responses with the block-diffusion sampler (SDAR/TraDo), or the full-attention "
+                    "sampler for LLaDA and Dream models. Config: --config FILE and "
                     "--config.section.field=value overrides (e.g. --config.sampling.num_samples=4).")
     parser.add_argument("--prompt", action="append", default=[], help="a user message (repeatable)")
     parser.add_argument("--prompts-file", help="one prompt per line, or JSONL/JSON with 'prompt' or 'question'")
