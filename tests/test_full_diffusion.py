@@ -293,6 +293,20 @@ def test_traces_are_a_valid_order(case, uncached_runs):
     check_valid_traces(uncached_runs[case], settings_for(case), family)
 
 
+def test_a_block_of_eos_ends_the_row():
+    # a zero LM head: every logit ties, so greedy proposes the lowest id, EOS (the mask is never
+    # proposed); the first block becomes all EOS, the row ends and the second block is never run
+    model = init_model(tiny_config("llada"), seed=3)
+    model.lm_head[...] = jnp.zeros_like(model.lm_head[...])
+    settings = settings_for("llada_neg_entropy_static")  # 2 steps per block
+    rollout = FullDiffusionSampler(model, settings).generate(PROMPTS, rng=0)
+    np.testing.assert_array_equal(rollout.lengths, 1)
+    assert rollout.hit_stop.all() and (rollout.tokens == EOS).all()
+    np.testing.assert_array_equal(rollout.num_steps, 2)
+    assert rollout.num_forwards == 2
+    np.testing.assert_array_equal(rollout.trace[:, 0], 1)  # ties: the lowest position first
+
+
 SAMPLED = {
     "llada": FullDiffusionConfig(gen_length=8, block_length=4, steps=6, temperature=0.7, target="random",
                                  remasking="static", cache="none", num_samples=2),
