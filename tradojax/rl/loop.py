@@ -33,7 +33,7 @@ from tradojax.metrics import MetricWriter
 from tradojax.models.transformer import Decoder
 from tradojax.models.value import ValueModel, value_model_from_policy
 from tradojax.ops.masks import BlockAlignment
-from tradojax.parallel.mesh import data_parallel_size
+from tradojax.parallel.mesh import batch_sharding, data_parallel_size
 from tradojax.parallel.sharding import place_state, shard_batch, shard_params, to_host
 from tradojax.rl.advantages import difficulty_filter, group_zscore, outcome_token_rewards, trace_gae
 from tradojax.rl.losses import policy_loss, value_loss
@@ -188,6 +188,82 @@ def _values(graphdef, params, rows):
     return nnx.merge(graphdef, params)(rows.tokens, rows.positions, rows.segments)[:, -rows.targets.shape[1]:]
 
 
+def forward_batch_size(config: Config) -> int:
+    """Rows per forward-only pass (old and reference log-probs, old values): one micro-batch, so
+    that their logits ([rows, L1, vocab]) take no more memory than an update's micro-step."""
+    return config.train.micro_batch_size or config.train.batch_size
+
+
+def rollout_sampling(config: Config):
+    """The RL rollout's sampler settings: `sampling` with `rl.num_responses_per_task` samples per task."""
+    return dataclasses.replace(config.sampling, num_samples=config.rl.num_responses_per_task)
+
+
+def optimizers(config: Config):
+    """(policy AdamW, value AdamW or None) as the trainer builds them."""
+    host_rate = config.rl.optimizer_per_step == "reset_cosine"  # the LR is set from the host per update
+    tx = make_optimizer(config.train, host_learning_rate=host_rate)
+    value_tx = (make_optimizer(config.train, learning_rate=config.rl.value_learning_rate, host_learning_rate=host_rate)
+                if config.rl.value_model else None)
+    return tx, value_tx
+
+
+def update_steps(config: Config, graphdef, tx, value_graphdef=None, value_tx=None):
+    """(policy update, value update or None), unpinned (`pin_layouts` places them on a mesh)."""
+    num_micro = config.train.num_micro_batches
+    policy = make_train_step(graphdef, tx, policy_loss_fn(config), num_micro)
+    value = (make_train_step(value_graphdef, value_tx, _value_loss_fn(config), num_micro)
+             if value_graphdef is not None else None)
+    return policy, value
+
+
+def rl_programs(config: Config, mesh, graphdef, params, opt_state, *, prompt_length: int,
+                value_graphdef=None, value_params=None, value_opt_state=None) -> dict[str, tuple]:
+    """The jitted functions `RLTrainer.run_step` calls after the rollout, each as
+    `(fn, args, kwargs)` with `fn.lower(*args, **kwargs)` lowering exactly what the step runs:
+    the old log-prob (+ entropy) pass, the reference log-probs (kl_reference="initial"), the
+    policy update, and with a value model the old-value pass and the value update. Arguments may
+    be abstract (ShapeDtypeStructs carrying their shardings, params and optimizer state laid out
+    as the trainer lays them); rows take the shapes of `prompt_length` (the prompt bucket) and
+    `sampling.max_new_tokens`. Used by `tradojax aot`."""
+    train, rl = config.train, config.rl
+    tx, value_tx = optimizers(config)
+    policy_fn, value_fn = update_steps(config, graphdef, tx, value_graphdef, value_tx)
+    one = pack_rows([np.ones(1, np.int32)], [np.ones(1, np.int32)], [np.ones(config.sampling.max_new_tokens, bool)],
+                    [np.ones(config.sampling.max_new_tokens, bool)], prompt_length=prompt_length,
+                    response_length=config.sampling.max_new_tokens, pad_id=config.model.pad_token_id,
+                    mask_id=config.model.mask_token_id, block_size=train.block_size,
+                    alignment=BlockAlignment(train.block_alignment))
+
+    def batch_of(tree, rows: int):  # the leaves of `tree` with `rows` rows, placed as `RLTrainer.place` does
+        def one_leaf(x):
+            x = jnp.asarray(x)
+            sharding = batch_sharding(mesh, x.ndim) if mesh is not None else None
+            return jax.ShapeDtypeStruct((rows, *x.shape[1:]), x.dtype, sharding=sharding)
+
+        return jax.tree.map(one_leaf, tree)
+
+    forward_rows, update_rows = batch_of(one, forward_batch_size(config)), batch_of(one, train.batch_size)
+    l1 = config.sampling.max_new_tokens
+    per_token = np.zeros((1, l1), np.float32)
+    extra = {"old_logp": per_token, "advantages": per_token if rl.value_model else np.zeros((1,), np.float32)}
+    if rl.kl_reference == "initial":
+        extra["ref_logp"] = per_token
+    pin = (lambda fn, p, o: fn) if mesh is None else (lambda fn, p, o: pin_layouts(fn, p, o, mesh))
+    programs = {
+        "old_logprobs": (_logprobs_and_entropy, (graphdef, params, forward_rows), {}),
+        "policy_update": (pin(policy_fn, params, opt_state), (params, opt_state, update_rows, batch_of(extra, train.batch_size)), {}),
+    }
+    if rl.kl_reference == "initial":
+        programs["ref_logprobs"] = (_logprobs, (graphdef, params, forward_rows), {})
+    if value_graphdef is not None:
+        value_extra = batch_of({"old_values": per_token, "returns": per_token}, train.batch_size)
+        programs["old_values"] = (_values, (value_graphdef, value_params, forward_rows), {})
+        programs["value_update"] = (pin(value_fn, value_params, value_opt_state),
+                                    (value_params, value_opt_state, update_rows, value_extra), {})
+    return programs
+
+
 def _chunked(fn, graphdef, params, rows: Rows, batch_size: int, place: Callable) -> Any:
     """Runs `fn` over rows in batches of `batch_size` (one compiled shape, each batch put on the
     devices by `place`) and concatenates its output (an array or a tuple of them); async on device."""
@@ -218,7 +294,7 @@ class RLTrainer:
         self.log = log
         rl = config.rl
         self.kind = task_kind(self.train_tasks)
-        self.sampling = dataclasses.replace(config.sampling, num_samples=rl.num_responses_per_task)
+        self.sampling = rollout_sampling(config)
         self.sampler = BlockDiffusionSampler(policy, self.sampling, mesh=mesh)
         self.graphdef, self.params = nnx.split(policy)
         if mesh is not None:
@@ -227,23 +303,20 @@ class RLTrainer:
                 raise ConfigError(f"train.batch_size={config.train.batch_size} (and micro_batch_size) must be divisible "
                                   f"by the mesh's data-parallel size {dp}")
             self.params = shard_params(self.params, mesh, "train")
-        host_rate = rl.optimizer_per_step == "reset_cosine"  # the LR is set from the host per update
-        self.tx = make_optimizer(config.train, host_learning_rate=host_rate)
+        self.tx, self.value_tx = optimizers(config)
         self.opt_state = self._place_state(self.tx.init(self.params))
-        self.policy_step = self._pinned(make_train_step(self.graphdef, self.tx, policy_loss_fn(config),
-                                                        config.train.num_micro_batches), self.params, self.opt_state)
         self.ref_params = jax.tree.map(jnp.copy, self.params) if rl.kl_reference == "initial" else None
+        self.value_graphdef = None
         if rl.value_model:
             value = value_model_from_policy(policy)
             self.value_graphdef, self.value_params = nnx.split(value)
             if mesh is not None:
                 self.value_params = shard_params(self.value_params, mesh, "train")
-            self.value_tx = make_optimizer(config.train, learning_rate=rl.value_learning_rate,
-                                           host_learning_rate=host_rate)
             self.value_opt_state = self._place_state(self.value_tx.init(self.value_params))
-            self.value_step = self._pinned(make_train_step(self.value_graphdef, self.value_tx, _value_loss_fn(config),
-                                                           config.train.num_micro_batches),
-                                           self.value_params, self.value_opt_state)
+        policy_step, value_step = update_steps(config, self.graphdef, self.tx, self.value_graphdef, self.value_tx)
+        self.policy_step = self._pinned(policy_step, self.params, self.opt_state)
+        if rl.value_model:
+            self.value_step = self._pinned(value_step, self.value_params, self.value_opt_state)
         from tradojax.data.pipeline import TaskSampler
 
         # Every host takes the whole step (shard 0 of 1): the rollout is one global batch split over the
@@ -344,7 +417,7 @@ class RLTrainer:
         prompt_length = prompt_bucket(max(len(p) for p in prompts), self.sampling.prompt_buckets)
         all_rows = build_step_rows(config, rollout_prompts, responses, traces, prompt_length, row_rng)
         old_logp_all, entropy_all = _chunked(_logprobs_and_entropy, self.graphdef, self.params, all_rows.rows,
-                                             config.train.batch_size, self.place)
+                                             forward_batch_size(config), self.place)
         results = batch.result()
         timings["reward_s"] = time.perf_counter() - clock
 
@@ -404,7 +477,7 @@ class RLTrainer:
         if rl.optimizer_per_step != "keep":
             self.opt_state = self._place_state(self.tx.init(self.params))
         ref_logp = (to_host(_chunked(_logprobs, self.graphdef, self.ref_params, step_rows.rows,
-                                     config.train.batch_size, self.place))
+                                     forward_batch_size(config), self.place))
                     if self.ref_params is not None else None)
         update_metrics = []
         extras = {"old_logp": old_logp, "advantages": row_advantages}
@@ -432,7 +505,7 @@ class RLTrainer:
         """Old values -> per-token GAE over the trace steps -> value update (every k steps)."""
         config, rl = self.config, self.config.rl
         rows = step_rows.rows
-        old_values = to_host(_chunked(_values, self.value_graphdef, self.value_params, rows, config.train.batch_size,
+        old_values = to_host(_chunked(_values, self.value_graphdef, self.value_params, rows, forward_batch_size(config),
                                       self.place))
         length = rows.targets.shape[1]
         returns = np.zeros_like(old_values)
