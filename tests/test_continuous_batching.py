@@ -62,3 +62,70 @@ def test_programs_are_the_ones_generate_runs(monkeypatch, sharded):
                 assert lowered.as_text() == getattr(bd, f"_{name}_jit").fn.lower(*call_args, **call_kwargs).as_text(), name
         compiled = {name: fn.lower(*args, **kwargs).compile() for name, (fn, args, kwargs) in programs.items()}
         assert all(c.memory_analysis() is not None for c in compiled.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Continuous batching: the same answers at any max_active, memory bounded by it
+# ----------------------------------------------------------------------------------------------
+
+
+def assert_same_rollout(rollout, expected):
+    """Tokens, lengths, traces, stops and steps identical; log-probs equal up to float32 rounding
+    (XLA reduces the softmax normaliser in an order that depends on the compiled batch shape, as
+    the one-batch engine already does between batch sizes)."""
+    for field in ("tokens", "lengths", "trace", "hit_stop", "num_steps", "prompt_index", "prompt_lengths"):
+        np.testing.assert_array_equal(getattr(rollout, field), getattr(expected, field), err_msg=field)
+    np.testing.assert_allclose(rollout.logprobs, expected.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("strategy", ["low_confidence_static", "low_confidence_dynamic", "sequential", "entropy_bounded"])
+def test_any_max_active_gives_the_one_batch_answers(strategy):
+    """5 ragged prompts x 2 samples = 10 rows: one slot at a time, 3 slots (groups split across
+    refills, refills mid-flight), and more slots than rows (one batch)."""
+    sampling = dataclasses.replace(SAMPLING, remasking_strategy=strategy, dynamic_threshold=0.3, stop_token_ids=(336,))
+    one_batch = BlockDiffusionSampler(MODEL, dataclasses.replace(sampling, max_active=64)).generate(PROMPTS, rng=4)
+    one_batch = one_batch.to_numpy()
+    assert one_batch.prefill_forwards == 1  # every prompt prefilled once, in one forward
+    assert len(set(one_batch.lengths.tolist())) >= 3 and one_batch.hit_stop.any()  # rows end at different times
+    for max_active in (1, 3):
+        rollout = BlockDiffusionSampler(MODEL, dataclasses.replace(sampling, max_active=max_active)).generate(
+            PROMPTS, rng=4).to_numpy()
+        assert_same_rollout(rollout, one_batch)
+        # rows run a slot at a time: more forwards, each over max_active sequences
+        assert rollout.num_forwards > one_batch.num_forwards
+        if max_active == 1:  # one row at a time: the forwards are its steps, nothing else
+            assert rollout.num_forwards == rollout.num_steps.sum()
+
+
+def test_continuous_batching_sharded_over_replicas():
+    """Over 4 data-parallel replicas (8 devices: data 2 x fsdp 2, tensor 2) with 2 slots each, the
+    rows (5 prompts padded to 8, so one replica holds only padding) match the unsharded one batch."""
+    sampling = dataclasses.replace(SAMPLING, remasking_strategy="low_confidence_static")
+    expected = BlockDiffusionSampler(MODEL, dataclasses.replace(sampling, max_active=64)).generate(
+        PROMPTS, rng=5).to_numpy()
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    sampler = BlockDiffusionSampler(MODEL, dataclasses.replace(sampling, max_active=1), mesh=mesh)
+    rollout = sampler.generate(PROMPTS, rng=5).to_numpy()
+    assert_same_rollout(rollout, expected)
+
+
+def test_memory_is_bounded_by_max_active():
+    """The compiled decode holds max_active sequences' KV cache per replica whatever the rows; only
+    the rollout arrays (tokens, trace, log-probs: 12 bytes per token) grow with the rows."""
+    sampling = dataclasses.replace(SAMPLING, max_active=3)
+    sampler = BlockDiffusionSampler(MODEL, sampling)
+    sizes = {}
+    for rows in (10, 400):
+        programs = sampler.programs(rows, 14)
+        state = programs["decode"][1][2]
+        assert state.k.shape == (MODEL_CONFIG.num_layers, 3, bd.cache_slots(16, 4, 13), MODEL_CONFIG.num_kv_heads,
+                                 MODEL_CONFIG.head_dim)
+        assert state.rows_tokens.shape == (rows, 13 + 4)
+        fn, args, kwargs = programs["decode"]
+        memory = fn.lower(*args, **kwargs).compile().memory_analysis()
+        sizes[rows] = memory.argument_size_in_bytes + memory.temp_size_in_bytes
+    rollout_bytes = (400 - 10) * (13 + 4) * 12 + (400 - 10) * 4 * 3
+    assert sizes[400] - sizes[10] <= 1.1 * rollout_bytes, sizes
+    # the one-batch engine's would grow by the K/V of 390 more rows (16 KiB each here): 40x more
+    cache_per_row = 2 * state.k.size // 3 * 4
+    assert sizes[400] - sizes[10] < (400 - 10) * cache_per_row / 40, sizes

@@ -175,8 +175,10 @@ def test_cached_equals_uncached_greedy(greedy_runs):
     np.testing.assert_array_equal(cached.logprobs, 0.0)  # greedy: every confidence is 1
     # greedy static is left to right (ties broken by position): trace = 1..G
     np.testing.assert_array_equal(cached.trace, np.broadcast_to(np.arange(1, 17), (4, 16)))
-    # the save pass: cached spends one extra forward per continued block
-    assert cached.num_forwards > uncached.num_forwards and cached.prefill_forwards == 1
+    # the save pass rides on the next block's first denoising forward: no forward of its own
+    assert cached.num_forwards == uncached.num_forwards == cached.num_steps.max()
+    assert 0 < cached.save_forwards < cached.num_forwards and uncached.save_forwards == 0
+    assert cached.prefill_forwards == 1 and cached.forwards == cached.num_forwards + 1
 
 
 def test_greedy_matches_reference_decoder(greedy_runs):
@@ -187,9 +189,14 @@ def test_greedy_matches_reference_decoder(greedy_runs):
 @pytest.mark.parametrize("strategy", ["low_confidence_static", "low_confidence_dynamic", "sequential", "entropy_bounded"])
 def test_sampled_decoding_matches_reference(strategy):
     sampling = dataclasses.replace(SAMPLED, remasking_strategy=strategy)
-    rng = jax.random.key(7)
-    rollout = BlockDiffusionSampler(MODEL, sampling).generate(PROMPTS, rng=rng).to_numpy()
-    stats = assert_matches_reference(rollout, sampling, rng)
+    sampler = BlockDiffusionSampler(MODEL, sampling)
+    # seeds until both endings (a stop token inside a block, the cap) occur; every seed tried must match
+    for seed in range(7, 31):
+        rng = jax.random.key(seed)
+        rollout = sampler.generate(PROMPTS, rng=rng).to_numpy()
+        stats = assert_matches_reference(rollout, sampling, rng)
+        if stats["stops_inside_block"] >= 1 and stats["capped"] >= 1:
+            break
     assert stats["stops_inside_block"] >= 1 and stats["capped"] >= 1, stats  # both endings exercised
     check_trace_structure(rollout, sampling)
     if strategy == "sequential":  # left to right: the trace never decreases along the response
@@ -228,10 +235,13 @@ def test_dynamic_greedy_decodes_a_block_per_step(greedy_runs):
     """Spec 10.14: with top_k=1 every confidence is 1.0 > threshold, so a block takes one step."""
     sampling = dataclasses.replace(GREEDY, remasking_strategy="low_confidence_dynamic")
     rollout = BlockDiffusionSampler(MODEL, sampling).generate(PROMPTS, rng=0).to_numpy()
-    cached, _ = greedy_runs
     for row, prompt in enumerate(PROMPTS):
         block = (len(prompt) + np.arange(16)) // 4
         np.testing.assert_array_equal(rollout.trace[row], block - block[0] + 1)
+    # one forward per denoising step and none for saving (issue 13): every row's blocks take a
+    # step each and the rows run side by side, so the forwards are the longest row's steps
+    assert rollout.num_forwards == rollout.num_steps.max() == 5
+    assert rollout.save_forwards == rollout.num_forwards - 1  # every forward after the first saves a block
 
 
 def test_batch_decodes_as_each_prompt_alone(greedy_runs):
@@ -297,38 +307,48 @@ def test_engine_never_rewrites_prompt_or_decoded_tokens():
     10.11). Prompt-residual and already decoded positions must keep their tokens and steps."""
     sampling = dataclasses.replace(SAMPLED, remasking_strategy="low_confidence_static", stop_token_ids=())
     sampler = BlockDiffusionSampler(MODEL, sampling)
-    plan = sampler._plan(16)
+    plan = sampler._plan(16, 4)
     knobs = bd._Knobs(jnp.float32(0.05), jnp.float32(0.9), jnp.float32(0.3), jnp.float32(0.35),
                       jnp.array([0] + [-1] * 7, jnp.int32))
     tokens = np.zeros((4, 16), np.int32)
     for i, p in enumerate(PROMPTS):
         tokens[i, : len(p)] = p
     lengths = np.array([len(p) for p in PROMPTS], np.int32)
-    state = bd._start_jit(sampler.graphdef, sampler.params, jnp.asarray(tokens), jnp.asarray(lengths),
-                          jnp.ones(4, bool), jax.random.key(2), plan.layout_only(), 1)
-    schedule = strategies.transfer_schedule(8, 4)
+    state, stage = bd._start_jit(plan.layout_only())
+    schedule = bd._Schedule(plan, tokens, lengths, num_real=4, num_samples=1)
+    refill = schedule.next_refill()
+    state, stage = bd._refill_jit(sampler.graphdef, sampler.params, state, stage, *map(jnp.asarray, refill),
+                                  jax.random.key(2), plan.layout_only())
+    assert schedule.next_refill() is None and not schedule.free.any()
+    schedule_steps = strategies.transfer_schedule(8, 4)
     overflow_steps = 0
     for _ in range(sampler.max_iterations()):
         before = jax.device_get(state)
-        state, summary = bd._decode_jit(sampler.graphdef, sampler.params, state, knobs, jnp.int32(1), plan)
+        state, summary, free = bd._decode_jit(sampler.graphdef, sampler.params, state, knobs, jnp.int32(1),
+                                              jnp.zeros(1, jnp.int32), plan)
         after = jax.device_get(state)
         for r in range(4):
-            if before.phase[r] != bd.DENOISING:
+            if not before.active[r]:
                 continue
             kept = ~before.masked[r]
-            np.testing.assert_array_equal(after.block_tokens[r][kept], before.block_tokens[r][kept])
-            np.testing.assert_array_equal(after.block_trace[r][kept], before.block_trace[r][kept])
+            if after.save[r]:  # completed, and the row goes on: the block moved to `saved_tokens`, no mask left
+                block, masked = after.saved_tokens[r], np.zeros(8, bool)
+            else:
+                block, masked = after.block_tokens[r], after.masked[r]
+                np.testing.assert_array_equal(after.block_trace[r][kept], before.block_trace[r][kept])
+            np.testing.assert_array_equal(block[kept], before.block_tokens[r][kept])
             residual = np.arange(8) < before.prompt_count[r]
-            np.testing.assert_array_equal(after.block_tokens[r][residual], before.block_tokens[r][residual])
-            assert not after.masked[r][residual].any()
-            newly = before.masked[r] & ~after.masked[r]
-            quota = schedule[before.step_in_block[r]]
+            np.testing.assert_array_equal(block[residual], before.block_tokens[r][residual])
+            assert not masked[residual].any()
+            newly = before.masked[r] & ~masked
+            quota = schedule_steps[before.step_in_block[r]]
             assert newly.sum() == min(quota, before.masked[r].sum())  # static: exactly the quota, or all left
-            assert (after.block_trace[r][newly] == after.global_step[r]).all()
+            if not after.save[r]:
+                assert (after.block_trace[r][newly] == after.global_step[r]).all()
             overflow_steps += quota > before.masked[r].sum()
-        if int(summary[0]) == 4:
+        if np.asarray(free).all():
             break
-    assert int(summary[0]) == 4 and overflow_steps >= 2
+    assert np.asarray(free).all() and overflow_steps >= 2
 
 
 def test_commit_block_by_hand():
@@ -422,6 +442,7 @@ def test_sharded_over_8_devices_equals_unsharded():
     ("dynamic_threshold", -0.1, "sampling.dynamic_threshold"),
     ("top_p", 0.0, "sampling.top_p"),
     ("temperature", 0.0, "sampling.temperature"),
+    ("max_active", 0, "sampling.max_active"),
 ])
 def test_bad_sampling_parameters_are_named(field, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -130,8 +130,13 @@ class SamplingConfig:
     num_samples: int = 1  # responses per prompt (the RL group size)
     prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
     seed: int = 0
+    # sequences resident at once per data-parallel replica (the original's rollout max_active); the
+    # others wait and take the slots that finished ones free (results do not depend on it)
+    max_active: int = 256
 
     def __post_init__(self) -> None:
+        if self.max_active < 1:
+            _fail("sampling.max_active", f"must be >= 1, got {self.max_active}")
         if self.block_size < 1:
             _fail("sampling.block_size", f"must be >= 1, got {self.block_size}")
         if not 1 <= self.denoising_steps <= self.block_size:

@@ -289,6 +289,47 @@ class Decoder(nnx.Module):
         new_v = write_batch(cache.v, v_block.astype(cache.v.dtype), cache.length)
         return out_logits, KVCache(new_k, new_v, cache.length + block)
 
+    def decode_block_after_save(self, saved_tokens: jax.Array, save: jax.Array, block_tokens: jax.Array,
+                                cache: KVCache):
+        """The save pass fused into the next block's denoising forward: one forward of 2b tokens.
+
+        Rows with `save` [B]: the decided block `saved_tokens` [B, b] (positions length + arange(b))
+        sees the committed cache and itself, so its K/V are exactly those `decode_block(commit=True)`
+        writes, and are written at slots [length, length + b); the current block (positions
+        length + b + arange(b)) sees the cache, the decided block and itself (block-causal: the
+        decided block never sees it), so its logits are those of `decode_block` after the save.
+        Rows without `save` put their current block first: its queries see the cache and itself,
+        so its logits are `decode_block`'s; the second half is computed and dropped, and the
+        block's K/V land beyond the committed length, where nothing reads them. One attention call
+        per half reads the cache (no copy of it). Returns (logits of each row's current block
+        [B, b, vocab], cache with length + b * save).
+        """
+        c = self.config
+        block = block_tokens.shape[1]
+        first = jnp.where(save[:, None], saved_tokens, block_tokens)
+        positions = cache.length[:, None] + jnp.arange(2 * block, dtype=jnp.int32)[None, :]
+
+        def body(x, layer):
+            p, k_cache, v_cache = layer
+            q, k, v = self._qkv(p, x, positions)
+            first_attn = attention_ops.cached_block_attention(
+                q[:, :block], k_cache, v_cache, cache.length, k[:, :block], v[:, :block], impl=c.attention_impl)
+            second_attn = attention_ops.cached_block_attention(
+                q[:, block:], k_cache, v_cache, cache.length, k, v, impl=c.attention_impl)
+            attn = jnp.concatenate([first_attn, second_attn], axis=1)
+            return self._finish_layer(p, x, attn), (k[:, :block], v[:, :block])
+
+        tokens = jnp.concatenate([first, block_tokens], axis=1)
+        hidden, (k_first, v_first) = self._layer_loop(body, self.embed(tokens), self._layer_params(), cache.k, cache.v)
+        hidden = jnp.where(save[:, None, None], hidden[:, block:], hidden[:, :block])
+        write_batch = jax.vmap(lambda rows, new, start: jax.lax.dynamic_update_slice_in_dim(rows, new, start, axis=1),
+                               in_axes=(1, 1, 0), out_axes=1)
+        new_k = write_batch(cache.k, k_first.astype(cache.k.dtype), cache.length)
+        new_v = write_batch(cache.v, v_first.astype(cache.v.dtype), cache.length)
+        length = cache.length + jnp.where(save, block, 0).astype(jnp.int32)
+        return self.hidden_to_logits(hidden), KVCache(new_k, new_v, length)
+
+
 
 def init_model(config: ModelConfig, seed: int = 0) -> Decoder:
     return Decoder(config, rngs=nnx.Rngs(params=seed))

@@ -12,17 +12,48 @@ prompt would alone):
      `denoising_steps` steps (every strategy here finishes a block within them).
   3. **Commit** the finished block (JetEngine's `commit_block`): walk its completion positions left
      to right; an EOS or stop token is appended and ends the sequence; the output never exceeds
-     `max_new_tokens`. A sequence that goes on spends one more forward on the block (the *save*
-     pass) that writes the block's final K/V into the cache, then starts a fresh block of masks.
+     `max_new_tokens`. A sequence that goes on opens a fresh block of masks; the decided block's
+     final K/V are written by the *next* forward (the fused save, below).
 
-Scheduling follows the JetEngine: every loop iteration is one batched forward in which each
-sequence is either denoising its block or saving it, independently of the others, so a sequence
-that finishes its block early does not wait for the slowest one. The forward always writes the
-block's K/V at slots [length, length + b); only saving sequences advance `length`, and a denoising
-sequence's write lands beyond its committed length where nothing reads it (as the original's
-`flash_attn_with_kvcache` call does). Finished sequences take no step, attend to an empty cache
-(so a length-aware attention kernel does no work for them; their ignored K/V write lands in slots
-[0, b)), and the loop exits when every sequence is done.
+**Fused save.** The original spends one forward per block only to write the decided block's K/V
+(the save pass: about half the forwards of greedy dynamic decoding). Here the next block's first
+denoising forward carries both blocks, 2b tokens per sequence (`Decoder.decode_block_after_save`):
+the decided block at positions [length, length + b) sees the cache and itself, so its K/V are those
+the save pass would write, and are written; the new block at [length + b, length + 2b) sees the
+cache, the decided block and itself, so its logits are those of a forward after the save (block-
+causal: the decided block never sees the new one). A sequence's last block is never saved. An
+iteration where no sequence has a block to save runs the plain b-token forward (`lax.cond`), so a
+block costs exactly its denoising steps; the price is that a fused iteration computes 2b tokens
+for every resident sequence (compute, not weight reads: free while decode is bandwidth-bound, up
+to 2x the FLOPs of those steps at large compute-bound batches).
+
+**Continuous batching (spec 2.4's `max_active`).** At most `sampling.max_active` sequences are
+resident per data-parallel replica: the KV cache is [layers, replicas * max_active, slots, ...],
+whatever the number of rows. Every loop iteration is one batched forward in which each resident
+sequence takes a denoising step of its own block, independently of the others (a sequence that
+finishes its block early does not wait). The compiled loop leaves when a replica has free slots
+for `max(1, max_active // 8)` of its waiting rows (or all of them), and a compiled refill starts
+rows in the free slots; the loop never leaves per token and nothing recompiles (shapes depend on
+the row count and prompt bucket only). Prompts are prefilled into a *stage* (`Stage`, a few
+prompts per replica) once each; a slot copies its prompt's prefilled cache from there, so the k
+responses of a prompt share one prefill even when they start at different times. Committed
+tokens go straight from the slots into the rollout arrays ([rows, max_new_tokens], 12 bytes per
+token: the only state that grows with the rows). Results do not depend on `max_active`: every
+row's draws come from its own key, and every row's forward sees only its own cache.
+
+**Long responses: slots sized to `max_new_tokens`, not pages.** Each slot reserves
+`bucket + max_new_tokens` cache positions. Paged KV (JetEngine's) would let a long-tailed batch
+(responses differing 10x, up to 30k tokens) keep more sequences resident in the same memory,
+because short responses would not hold their unused reservation: up to max/mean times the
+concurrency, which is throughput while decode is weight-bandwidth-bound. It would also need a
+paged attention kernel per backend, a page allocator and a policy for running out of pages
+(JetEngine stalls; vLLM preempts). Slots keep memory exactly bounded (no allocator, no
+preemption) and work with the existing kernels; the length-aware decode kernel reads only a
+slot's live positions, so time follows the actual lengths and only capacity is lost. Pick
+`max_active` from HBM / (per-token KV bytes x (bucket + max_new_tokens)); `tradojax aot` reports it.
+
+Finished sequences take no step and attend to an empty cache (a length-aware attention kernel
+does no work for them) until their slot is refilled; the loop exits when every row is done.
 
 Differences from the original, all output-preserving or fixes of spec section 10:
   * selection never touches prompt-residual or decoded positions (10.11), ties are broken by
@@ -30,24 +61,25 @@ Differences from the original, all output-preserving or fixes of spec section 10
   * stop tokens in the prompt residual are ignored (10.15), and a stop token beyond the
     `max_new_tokens` cap is not appended (`commit_block`);
   * a block whose outcome is already fixed (an unmasked stop token, or the cap, before any
-    remaining mask) is committed at once instead of denoising masks that would be dropped, and a
-    sequence's last block gets no save pass (its K/V would never be read). Tokens and traces are
+    remaining mask) is committed at once instead of denoising masks that would be dropped; the
+    save pass is fused into the next forward and the last block has none. Tokens and traces are
     unchanged; forwards are saved.
 
 Trace: for every output token, the sequence's global 1-based denoising step at which it was
-unmasked (spec 2.4 `step_map`: only denoising forwards count, not prefill or save passes). The
-sampler's log-prob of each token (under the filtered distribution it was drawn from) comes too.
+unmasked (spec 2.4 `step_map`: only denoising steps count, not prefill or saving). The sampler's
+log-prob of each token (under the filtered distribution it was drawn from) comes too.
 
-Randomness: sequence i draws from `fold_in(fold_in(rng, i), global_step)`, so its draws do not
-depend on the batch size, on sharding, or on what other sequences do.
+Randomness: row i draws from `fold_in(fold_in(rng, i), global_step)`, so its draws do not depend
+on the batch size, `max_active`, sharding, or what other sequences do.
 
 The mask token is never proposed (its logit is set to -inf before filtering): a committed token
 equal to `<|MASK|>` would be indistinguishable from a mask for the model and for the trainer.
 
-Compiled pieces: `_start` (prefill + group broadcast + first blocks) and `_decode` (the
-`lax.while_loop`, with the decode state donated), one compile each per (batch, prompt bucket,
-max_new_tokens) and sampling shape. `_decode` takes an iteration limit as a traced argument, so a
-caller can run it in chunks (for a progress bar) without recompiling.
+Compiled pieces (`BlockDiffusionSampler.programs` lists them with abstract arguments for AOT):
+`_start` (allocate slots, stage and rollout), `_refill` (prefill staged prompts, start rows in
+free slots; state and stage donated), `_decode` (the `lax.while_loop`, state donated; an
+iteration limit is a traced argument, so a caller can run it in chunks for a progress bar) and
+`_outputs`; one compile each per (rows, prompt bucket, max_new_tokens) and sampling shape.
 
 An uncached reference mode (`cached=False`) recomputes the whole canvas (prompt + committed blocks
 + current block) with the model's full forward under the dense block-causal mask at every step;
@@ -97,8 +129,14 @@ class Rollout:
     num_steps: Any  # int32 [N]: denoising steps spent by each row
     prompt_index: Any  # int32 [N]
     prompt_lengths: Any  # int32 [N]
-    num_forwards: int  # batched decode forwards (each b tokens per row cached, the canvas uncached)
+    num_forwards: int  # batched decode forwards (model calls; b tokens per row cached, the canvas uncached)
     prefill_forwards: int  # batched prefill forwards (0 uncached)
+    save_forwards: int = 0  # decode forwards that also wrote decided blocks' K/V (2b tokens per row)
+
+    @property
+    def forwards(self) -> int:
+        """Model calls of the whole generate (decode + prefill)."""
+        return self.num_forwards + self.prefill_forwards
 
     def to_numpy(self) -> Rollout:
         """The same rollout with every array as a numpy array (the whole batch, on every host)."""
@@ -106,7 +144,7 @@ class Rollout:
 
         return dataclasses.replace(
             self, **{f.name: to_host(getattr(self, f.name)) for f in dataclasses.fields(self)
-                     if f.name not in ("num_forwards", "prefill_forwards")})
+                     if f.name not in ("num_forwards", "prefill_forwards", "save_forwards")})
 
     def responses(self) -> list[list[int]]:
         """The generated ids of every row, without padding."""
@@ -137,27 +175,53 @@ class Progress:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
-    """Everything the decode loop carries; rows are sequences (batch axis 0, or 1 for k/v)."""
+    """Everything the decode loop carries. Per-slot fields have the slot axis first (axis 1 for
+    k/v): `replicas * max_active` slots, replica d owning slots [d * A, (d + 1) * A). The `rows_*`
+    fields are the rollout being written, `replicas * rows_per_replica` rows, split the same way."""
 
-    k: jax.Array | None  # [layers, N, S, Hkv, D] (cached mode)
+    k: jax.Array | None  # [layers, slots, S, Hkv, D] (cached mode)
     v: jax.Array | None
-    canvas: jax.Array | None  # [N, S] token ids (uncached mode)
-    length: jax.Array  # [N] committed tokens (cache slots / canvas prefix in use)
-    block_tokens: jax.Array  # [N, b]
-    masked: jax.Array  # [N, b] bool: still a mask
-    block_trace: jax.Array  # [N, b] int32
-    block_logprob: jax.Array  # [N, b] float32
-    prompt_count: jax.Array  # [N] leading prompt-residual positions of the current block
-    step_in_block: jax.Array  # [N]
-    global_step: jax.Array  # [N]
-    phase: jax.Array  # [N]: DENOISING, SAVING or DONE
-    out_tokens: jax.Array  # [N, G + b] (b spare columns so a block write never clips)
-    out_trace: jax.Array
-    out_logprob: jax.Array
-    out_len: jax.Array  # [N]
-    hit_stop: jax.Array  # [N] bool
-    row_keys: jax.Array  # [N] typed PRNG keys
-    num_forwards: jax.Array  # [] int32
+    canvas: jax.Array | None  # [slots, S] token ids (uncached mode)
+    length: jax.Array  # [slots] committed tokens (cache slots / canvas prefix in use)
+    block_tokens: jax.Array  # [slots, b]
+    masked: jax.Array  # [slots, b] bool: still a mask
+    block_trace: jax.Array  # [slots, b] int32
+    block_logprob: jax.Array  # [slots, b] float32
+    prompt_count: jax.Array  # [slots] leading prompt-residual positions of the current block
+    step_in_block: jax.Array  # [slots]
+    global_step: jax.Array  # [slots]
+    active: jax.Array  # [slots] bool: decoding a row (else free)
+    save: jax.Array  # [slots] bool: `saved_tokens` is decided, its K/V not yet in the cache
+    saved_tokens: jax.Array  # [slots, b]
+    out_len: jax.Array  # [slots] tokens the slot's row has output
+    row: jax.Array  # [slots] int32: the slot's row within its replica (rows_per_replica = none)
+    row_keys: jax.Array  # [slots] typed PRNG keys
+    rows_tokens: jax.Array  # [rows, G + b] (b spare columns so a block write never clips)
+    rows_trace: jax.Array
+    rows_logprob: jax.Array
+    rows_length: jax.Array  # [rows]
+    rows_hit_stop: jax.Array  # [rows] bool
+    rows_steps: jax.Array  # [rows]
+    num_forwards: jax.Array  # [] int32: decode forwards
+    save_forwards: jax.Array  # [] int32: decode forwards that also wrote a decided block's K/V
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """Prefilled prompts waiting for slots, `staged` entries per replica: one prefill per prompt,
+    copied into a slot for each of its `num_samples` rows as slots free up."""
+
+    k: jax.Array | None  # [layers, entries, bucket, Hkv, D] (cached mode)
+    v: jax.Array | None
+    tokens: jax.Array  # [entries, bucket]
+    prefill_len: jax.Array  # [entries] prompt tokens in the cache (whole blocks)
+    first_block: jax.Array  # [entries, b]: the prompt residual, then masks
+    residual: jax.Array  # [entries]
+
+
+_SLOT_AXIS = {"k": 1, "v": 1}
+_REPLICATED = ("num_forwards", "save_forwards")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,17 +233,25 @@ class _Plan:
     top_k: int
     use_top_p: bool
     strategy: str
-    slots: int
+    slots: int  # cache slots (canvas width) per sequence
+    bucket: int  # prompt width
     max_new_tokens: int
     cached: bool
     mask_id: int
     pad_id: int
+    replicas: int  # data-parallel replicas (the slot and row axes split evenly over them)
+    max_active: int  # sequence slots per replica
+    staged: int  # stage entries (prefilled prompts) per replica
+    rows_per_replica: int
+    refill_at: int  # the loop leaves for a refill once a replica has this many free slots (or all it needs)
+    cache_layout: tuple[int, int, int]  # layers, kv_heads, head_dim
+    cache_dtype: str
     batch_axes: tuple[str, ...]
     mesh: Mesh | None
 
     def layout_only(self) -> _Plan:
-        """This plan with the sampling choices blanked: `_start` does not depend on them, so one
-        compiled start serves every strategy and filter."""
+        """This plan with the sampling choices blanked: start and refill do not depend on them, so
+        their compiled programs serve every strategy and filter."""
         return dataclasses.replace(self, steps=1, top_k=0, use_top_p=False, strategy="")
 
 
@@ -203,15 +275,13 @@ def _constrain(x: jax.Array | None, plan: _Plan, batch_axis: int = 0):
     return jax.lax.with_sharding_constraint(x, NamedSharding(plan.mesh, PartitionSpec(*spec)))
 
 
-def _constrain_state(state: DecodeState, plan: _Plan) -> DecodeState:
+def _constrain_tree(tree, plan: _Plan):
+    """Every per-slot / per-row / per-entry field split over the data axes; counters replicated."""
     fields = {}
-    for f in dataclasses.fields(state):
-        value = getattr(state, f.name)
-        if f.name == "num_forwards":
-            fields[f.name] = value
-        else:
-            fields[f.name] = _constrain(value, plan, 1 if f.name in ("k", "v") else 0)
-    return DecodeState(**fields)
+    for f in dataclasses.fields(tree):
+        value = getattr(tree, f.name)
+        fields[f.name] = value if f.name in _REPLICATED else _constrain(value, plan, _SLOT_AXIS.get(f.name, 0))
+    return type(tree)(**fields)
 
 
 def _per_row(fn: Callable, *args):
@@ -219,55 +289,119 @@ def _per_row(fn: Callable, *args):
     return jax.vmap(fn)(*args)
 
 
-def _start(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
-           active: jax.Array, rng: jax.Array, plan: _Plan, num_samples: int) -> DecodeState:
-    """Prefill each prompt once, broadcast to `num_samples` rows, and open every row's first block."""
-    model: Decoder = nnx.merge(graphdef, params)
-    b, n = plan.block_size, num_samples
-    num_prompts, bucket = prompt_tokens.shape
-    prefill_len = (prompt_lengths // b) * b
-    residual = prompt_lengths - prefill_len
-    position = jnp.arange(b, dtype=jnp.int32)
-    padded = jnp.pad(prompt_tokens, ((0, 0), (0, b)), constant_values=plan.pad_id)
-    residual_tokens = jnp.take_along_axis(padded, prefill_len[:, None] + position[None, :], axis=1)
-    is_prompt = position[None, :] < residual[:, None]
-    first_block = jnp.where(is_prompt, residual_tokens, plan.mask_id).astype(jnp.int32)
+def _by_replica(x: jax.Array, replicas: int, axis: int = 0) -> jax.Array:
+    """[replicas * n, ...] -> [replicas, n, ...] along `axis` (each replica's part is local)."""
+    return x.reshape(x.shape[:axis] + (replicas, x.shape[axis] // replicas) + x.shape[axis + 1:])
 
-    def rows(x):  # per prompt -> per row
-        return jnp.repeat(x, n, axis=0, total_repeat_length=num_prompts * n)
 
-    k = v = canvas = None
-    extra = plan.slots - bucket
-    if plan.cached:
-        cache = KVCache.zeros(model.config, num_prompts, bucket)
-        cache = model.prefill(prompt_tokens, prefill_len, cache, b)
-        widen = ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))
-        k = jnp.pad(jnp.repeat(cache.k, n, axis=1, total_repeat_length=num_prompts * n), widen)
-        v = jnp.pad(jnp.repeat(cache.v, n, axis=1, total_repeat_length=num_prompts * n), widen)
-    else:
-        canvas = rows(jnp.pad(prompt_tokens, ((0, 0), (0, extra)), constant_values=plan.pad_id))
-    num_rows = num_prompts * n
+def _start(plan: _Plan) -> tuple[DecodeState, Stage]:
+    """Every slot free, the rollout all padding, the stage empty (keys are drawn per row at admission)."""
+    b, dp = plan.block_size, plan.replicas
+    slots, entries, rows = dp * plan.max_active, dp * plan.staged, dp * plan.rows_per_replica
     width = plan.max_new_tokens + b
+    k = v = canvas = stage_k = stage_v = None
+    if plan.cached:
+        layers, kv_heads, head_dim = plan.cache_layout
+        dtype = DTYPES[plan.cache_dtype]
+        k = jnp.zeros((layers, slots, plan.slots, kv_heads, head_dim), dtype)
+        v = jnp.zeros_like(k)
+        stage_k = jnp.zeros((layers, entries, plan.bucket, kv_heads, head_dim), dtype)
+        stage_v = jnp.zeros_like(stage_k)
+    else:
+        canvas = jnp.full((slots, plan.slots), plan.pad_id, jnp.int32)
+    zeros = jnp.zeros((slots,), jnp.int32)
     state = DecodeState(
-        k=k, v=v, canvas=canvas,
-        length=rows(prefill_len).astype(jnp.int32),
-        block_tokens=rows(first_block),
-        masked=rows(~is_prompt),
-        block_trace=jnp.zeros((num_rows, b), jnp.int32),
-        block_logprob=jnp.zeros((num_rows, b), jnp.float32),
-        prompt_count=rows(residual).astype(jnp.int32),
-        step_in_block=jnp.zeros((num_rows,), jnp.int32),
-        global_step=jnp.zeros((num_rows,), jnp.int32),
-        phase=jnp.where(rows(active), DENOISING, DONE).astype(jnp.int32),
-        out_tokens=jnp.full((num_rows, width), plan.pad_id, jnp.int32),
-        out_trace=jnp.zeros((num_rows, width), jnp.int32),
-        out_logprob=jnp.zeros((num_rows, width), jnp.float32),
-        out_len=jnp.zeros((num_rows,), jnp.int32),
-        hit_stop=jnp.zeros((num_rows,), bool),
-        row_keys=jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(num_rows)),
-        num_forwards=jnp.zeros((), jnp.int32),
-    )
-    return _constrain_state(state, plan)
+        k=k, v=v, canvas=canvas, length=zeros,
+        block_tokens=jnp.full((slots, b), plan.mask_id, jnp.int32), masked=jnp.zeros((slots, b), bool),
+        block_trace=jnp.zeros((slots, b), jnp.int32), block_logprob=jnp.zeros((slots, b), jnp.float32),
+        prompt_count=zeros, step_in_block=zeros, global_step=zeros,
+        active=jnp.zeros((slots,), bool), save=jnp.zeros((slots,), bool),
+        saved_tokens=jnp.full((slots, b), plan.mask_id, jnp.int32), out_len=zeros,
+        row=jnp.full((slots,), plan.rows_per_replica, jnp.int32),
+        row_keys=jax.random.split(jax.random.key(0), slots),
+        rows_tokens=jnp.full((rows, width), plan.pad_id, jnp.int32),
+        rows_trace=jnp.zeros((rows, width), jnp.int32), rows_logprob=jnp.zeros((rows, width), jnp.float32),
+        rows_length=jnp.zeros((rows,), jnp.int32), rows_hit_stop=jnp.zeros((rows,), bool),
+        rows_steps=jnp.zeros((rows,), jnp.int32),
+        num_forwards=jnp.zeros((), jnp.int32), save_forwards=jnp.zeros((), jnp.int32))
+    stage = Stage(k=stage_k, v=stage_v, tokens=jnp.full((entries, plan.bucket), plan.pad_id, jnp.int32),
+                  prefill_len=jnp.zeros((entries,), jnp.int32), first_block=jnp.full((entries, b), plan.mask_id, jnp.int32),
+                  residual=jnp.zeros((entries,), jnp.int32))
+    return _constrain_tree(state, plan), _constrain_tree(stage, plan)
+
+
+def _refill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, stage: Stage, load_tokens: jax.Array,
+            load_lengths: jax.Array, load: jax.Array, assign_entry: jax.Array, assign_row: jax.Array,
+            rng: jax.Array, plan: _Plan) -> tuple[DecodeState, Stage]:
+    """Prefills the prompts `load` marks into their stage entries (one forward for all of them,
+    skipped when none loads), then starts a row in every slot with `assign_entry >= 0`: the
+    slot takes that entry's (of its own replica) prefilled cache and first block, and row
+    `assign_row` (its row within the replica) with its own key."""
+    b, dp = plan.block_size, plan.replicas
+    prefill_len = (load_lengths // b) * b
+    residual = load_lengths - prefill_len
+    position = jnp.arange(b, dtype=jnp.int32)
+    padded = jnp.pad(load_tokens, ((0, 0), (0, b)), constant_values=plan.pad_id)
+    residual_tokens = jnp.take_along_axis(padded, prefill_len[:, None] + position[None, :], axis=1)
+    first_block = jnp.where(position[None, :] < residual[:, None], residual_tokens, plan.mask_id).astype(jnp.int32)
+    stage_k, stage_v = stage.k, stage.v
+    if plan.cached:
+        def prefill(_):
+            model: Decoder = nnx.merge(graphdef, params)
+            cache = KVCache.zeros(model.config, load_tokens.shape[0], plan.bucket, DTYPES[plan.cache_dtype])
+            cache = model.prefill(load_tokens, prefill_len, cache, b)
+            keep = load[None, :, None, None, None]
+            return jnp.where(keep, cache.k, stage.k), jnp.where(keep, cache.v, stage.v)
+
+        stage_k, stage_v = jax.lax.cond(jnp.any(load), prefill, lambda _: (stage.k, stage.v), None)
+    stage = _constrain_tree(Stage(
+        k=stage_k, v=stage_v, tokens=jnp.where(load[:, None], load_tokens, stage.tokens),
+        prefill_len=jnp.where(load, prefill_len, stage.prefill_len),
+        first_block=jnp.where(load[:, None], first_block, stage.first_block),
+        residual=jnp.where(load, residual, stage.residual)), plan)
+
+    # Admission: slot j of replica d takes entry assign_entry[j] of replica d.
+    admit = assign_entry >= 0
+    entry = _by_replica(jnp.maximum(assign_entry, 0), dp)  # [dp, A]
+
+    def staged(x, axis=0):  # [dp * staged, ...] -> the entry of every slot, [dp * A, ...]
+        grouped = _by_replica(x, dp, axis)
+        index = entry.reshape(entry.shape + (1,) * (grouped.ndim - axis - 2))
+        if axis:
+            index = index[None]
+        taken = jnp.take_along_axis(grouped, index, axis=axis + 1)
+        return taken.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 1:])
+
+    def take(new, old, axis=0):
+        mask = admit.reshape((1,) * axis + admit.shape + (1,) * (new.ndim - axis - 1))
+        return jnp.where(mask, new, old)
+
+    k, v, canvas = state.k, state.v, state.canvas
+    if plan.cached:
+        prompt_part = (slice(None), slice(None), slice(0, plan.bucket))
+        k = k.at[prompt_part].set(take(staged(stage.k, 1), k[prompt_part], 1))
+        v = v.at[prompt_part].set(take(staged(stage.v, 1), v[prompt_part], 1))
+    else:
+        prompts = jnp.pad(staged(stage.tokens), ((0, 0), (0, plan.slots - plan.bucket)), constant_values=plan.pad_id)
+        canvas = take(prompts, canvas)
+    first = staged(stage.first_block)
+    residual = staged(stage.residual)
+    replica = jnp.repeat(jnp.arange(dp, dtype=jnp.int32), plan.max_active)
+    global_row = replica * plan.rows_per_replica + assign_row
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(global_row)
+    zeros = jnp.zeros_like(state.length)
+    new_state = dataclasses.replace(
+        state, k=k, v=v, canvas=canvas,
+        length=take(staged(stage.prefill_len), state.length),
+        block_tokens=take(first, state.block_tokens),
+        masked=take(position[None, :] >= residual[:, None], state.masked),
+        block_trace=take(jnp.zeros_like(state.block_trace), state.block_trace),
+        block_logprob=take(jnp.zeros_like(state.block_logprob), state.block_logprob),
+        prompt_count=take(residual, state.prompt_count),
+        step_in_block=take(zeros, state.step_in_block), global_step=take(zeros, state.global_step),
+        active=state.active | admit, save=state.save & ~admit, out_len=take(zeros, state.out_len),
+        row=take(assign_row, state.row), row_keys=jnp.where(admit, keys, state.row_keys))
+    return _constrain_tree(new_state, plan), stage
 
 
 def _block_logits_uncached(model: Decoder, state: DecodeState, plan: _Plan) -> jax.Array:
@@ -309,6 +443,29 @@ def block_decided(block_tokens: jax.Array, masked: jax.Array, prompt_count: jax.
     return jnp.any(terminal & ~blocked_before, axis=1)
 
 
+def _commit_values(block_tokens, block_trace, block_logprob, prompt_count, complete, out_len, stop_ids,
+                   max_new_tokens: int, pad_id: int):
+    """What `commit_block` appends: ([N, b] tokens, trace, logprobs to write at out_len, padding
+    where nothing is appended), new out_len, hit_stop, finished."""
+    b = block_tokens.shape[-1]
+    position = jnp.arange(b, dtype=jnp.int32)[None, :]
+    source = position + prompt_count[:, None]  # completion token j of the block sits at j + prompt_count
+    in_block = source < b
+    source = jnp.minimum(source, b - 1)
+    tokens = jnp.take_along_axis(block_tokens, source, axis=1)
+    trace = jnp.take_along_axis(block_trace, source, axis=1)
+    logprob = jnp.take_along_axis(block_logprob, source, axis=1)
+    is_stop = in_block & jnp.any(tokens[:, :, None] == stop_ids[None, None, :], axis=-1)
+    stopped_before = (jnp.cumsum(is_stop, axis=1) - is_stop) > 0
+    appended = complete[:, None] & in_block & ~stopped_before & (out_len[:, None] + position < max_new_tokens)
+    new_len = out_len + jnp.sum(appended, axis=1, dtype=jnp.int32)
+    hit_stop = jnp.any(appended & is_stop, axis=1)
+    finished = complete & (hit_stop | (new_len >= max_new_tokens))
+    values = (jnp.where(appended, tokens, pad_id).astype(jnp.int32), jnp.where(appended, trace, 0).astype(jnp.int32),
+              jnp.where(appended, logprob, 0.0).astype(jnp.float32))
+    return values, new_len, hit_stop, finished
+
+
 def commit_block(
     block_tokens: jax.Array,
     block_trace: jax.Array,
@@ -334,45 +491,69 @@ def commit_block(
     Returns (out_tokens, out_trace, out_logprob, out_len, hit_stop [N], finished [N]); rows that
     are not `complete` are unchanged and not finished.
     """
-    b = block_tokens.shape[-1]
-    position = jnp.arange(b, dtype=jnp.int32)[None, :]
-    source = position + prompt_count[:, None]  # completion token j of the block sits at j + prompt_count
-    in_block = source < b
-    source = jnp.minimum(source, b - 1)
-    tokens = jnp.take_along_axis(block_tokens, source, axis=1)
-    trace = jnp.take_along_axis(block_trace, source, axis=1)
-    logprob = jnp.take_along_axis(block_logprob, source, axis=1)
-    is_stop = in_block & jnp.any(tokens[:, :, None] == stop_ids[None, None, :], axis=-1)
-    stopped_before = (jnp.cumsum(is_stop, axis=1) - is_stop) > 0
-    appended = complete[:, None] & in_block & ~stopped_before & (out_len[:, None] + position < max_new_tokens)
-    new_len = out_len + jnp.sum(appended, axis=1, dtype=jnp.int32)
-    hit_stop = jnp.any(appended & is_stop, axis=1)
-    finished = complete & (hit_stop | (new_len >= max_new_tokens))
+    values, new_len, hit_stop, finished = _commit_values(
+        block_tokens, block_trace, block_logprob, prompt_count, complete, out_len, stop_ids, max_new_tokens, pad_id)
 
-    def write(buffer, values, fill):
-        values = jnp.where(appended, values, fill).astype(buffer.dtype)
-        return _per_row(lambda row, vals, start: jax.lax.dynamic_update_slice_in_dim(row, vals, start, 0),
-                        buffer, values, out_len)
+    def write(buffer, vals):
+        return _per_row(lambda row, v, start: jax.lax.dynamic_update_slice_in_dim(row, v, start, 0),
+                        buffer, vals.astype(buffer.dtype), out_len)
 
-    # Slots [out_len, out_len + b) hold padding before the write, so `fill` keeps them unchanged.
-    return (write(out_tokens, tokens, pad_id), write(out_trace, trace, 0), write(out_logprob, logprob, 0.0),
+    # Slots [out_len, out_len + b) hold padding before the write, so padding keeps them unchanged.
+    tokens, trace, logprob = values
+    return (write(out_tokens, tokens), write(out_trace, trace), write(out_logprob, logprob),
             new_len, hit_stop, finished)
 
 
+def _write_rows(state: DecodeState, complete: jax.Array, values, new_len, hit_stop, plan: _Plan) -> dict:
+    """Scatters every complete block's committed tokens into its row of the rollout (within the
+    slot's own replica: rows are split over replicas like slots)."""
+    dp, b = plan.replicas, plan.block_size
+    target = _by_replica(jnp.where(complete, state.row, plan.rows_per_replica), dp)  # out of range: dropped
+    columns = _by_replica(state.out_len[:, None] + jnp.arange(b, dtype=jnp.int32)[None, :], dp)
+
+    def blocks(buffer, vals):
+        def one(buf, rows, cols, v):
+            return buf.at[rows[:, None], cols].set(v, mode="drop")
+
+        out = jax.vmap(one)(_by_replica(buffer, dp), target, columns, _by_replica(vals, dp))
+        return out.reshape(buffer.shape)
+
+    def scalars(buffer, vals):
+        out = jax.vmap(lambda buf, rows, v: buf.at[rows].set(v, mode="drop"))(
+            _by_replica(buffer, dp), target, _by_replica(vals, dp))
+        return out.reshape(buffer.shape)
+
+    tokens, trace, logprob = values
+    return dict(rows_tokens=blocks(state.rows_tokens, tokens), rows_trace=blocks(state.rows_trace, trace),
+                rows_logprob=blocks(state.rows_logprob, logprob), rows_length=scalars(state.rows_length, new_len),
+                rows_hit_stop=scalars(state.rows_hit_stop, hit_stop))
+
+
 def _iteration(model: Decoder, state: DecodeState, knobs: _Knobs, plan: _Plan) -> DecodeState:
-    """One batched forward: denoising rows take a step, saving rows commit their block's K/V."""
+    """One batched forward: every active slot takes a denoising step of its current block; slots
+    whose previous block was just decided write its K/V in the same forward (the fused save)."""
     b = plan.block_size
-    denoising = state.phase == DENOISING
-    saving = state.phase == SAVING
-    done = state.phase == DONE
+    active = state.active
     k, v, canvas, length = state.k, state.v, state.canvas, state.length
+    save_forwards = state.save_forwards
 
     if plan.cached:
-        # Finished rows attend to an empty cache; their (ignored) write goes to slots [0, b).
-        attend = KVCache(k, v, jnp.where(done, 0, length))
-        logits, written = model.decode_block(state.block_tokens, attend, commit=True)
-        k, v = written.k, written.v
-        length = jnp.where(saving, length + b, length)
+        # Free slots attend to an empty cache; their (ignored) writes land beyond their length.
+        cache = KVCache(k, v, jnp.where(active, length, 0))
+        saving = state.save & active
+
+        def fused(_):
+            logits, written = model.decode_block_after_save(state.saved_tokens, saving, state.block_tokens, cache)
+            return logits, written.k, written.v
+
+        def plain(_):
+            logits, _ = model.decode_block(state.block_tokens, cache, commit=False)
+            return logits, k, v
+
+        any_saving = jnp.any(saving)
+        logits, k, v = jax.lax.cond(any_saving, fused, plain, None)
+        length = length + jnp.where(saving, b, 0)
+        save_forwards = save_forwards + any_saving.astype(jnp.int32)
     else:
         logits = _block_logits_uncached(model, state, plan)
     logits = logits.at[..., plan.mask_id].set(-jnp.inf)
@@ -385,77 +566,81 @@ def _iteration(model: Decoder, state: DecodeState, knobs: _Knobs, plan: _Plan) -
     schedule = jnp.asarray(strategies.transfer_schedule(b, plan.steps))
     quota = schedule[jnp.minimum(state.step_in_block, plan.steps - 1)]
     transfer = strategies.select_transfer(
-        plan.strategy, state.masked & denoising[:, None], proposal, quota,
+        plan.strategy, state.masked & active[:, None], proposal, quota,
         dynamic_threshold=knobs.dynamic_threshold, eb_threshold=knobs.eb_threshold)
 
     block_tokens = jnp.where(transfer, proposal.tokens, state.block_tokens)
     block_logprob = jnp.where(transfer, proposal.logprob, state.block_logprob)
     block_trace = jnp.where(transfer, state.global_step[:, None] + 1, state.block_trace)
     masked = state.masked & ~transfer
-    step_in_block = state.step_in_block + denoising
-    global_step = state.global_step + denoising
+    step_in_block = state.step_in_block + active
+    global_step = state.global_step + active
     decided = block_decided(block_tokens, masked, state.prompt_count, state.out_len, knobs.stop_ids,
                             plan.max_new_tokens)
-    complete = denoising & (~jnp.any(masked, axis=1) | (step_in_block >= plan.steps) | decided)
+    complete = active & (~jnp.any(masked, axis=1) | (step_in_block >= plan.steps) | decided)
 
-    out_tokens, out_trace, out_logprob, out_len, hit_now, finished = commit_block(
-        block_tokens, block_trace, block_logprob, state.prompt_count, complete,
-        state.out_tokens, state.out_trace, state.out_logprob, state.out_len,
+    values, out_len, hit_now, finished = _commit_values(
+        block_tokens, block_trace, block_logprob, state.prompt_count, complete, state.out_len,
         knobs.stop_ids, plan.max_new_tokens, plan.pad_id)
+    rows = _write_rows(state, complete, values, out_len, hit_now, plan)
+    rows["rows_steps"] = jax.vmap(lambda buf, r, s: buf.at[r].set(s, mode="drop"))(
+        _by_replica(state.rows_steps, plan.replicas),
+        _by_replica(jnp.where(complete, state.row, plan.rows_per_replica), plan.replicas),
+        _by_replica(global_step, plan.replicas)).reshape(state.rows_steps.shape)
     continues = complete & ~finished
 
-    if plan.cached:
-        new_block = saving  # their K/V went in with this forward
-        phase = jnp.where(complete, jnp.where(finished, DONE, SAVING), jnp.where(saving, DENOISING, state.phase))
-    else:  # the canvas takes the block at once: no save pass
-        new_block = continues
+    if plan.cached:  # the decided block's K/V go in with the next forward (fused)
+        save = continues
+        saved_tokens = jnp.where(continues[:, None], block_tokens, state.saved_tokens)
+    else:  # the canvas takes the block at once
+        save, saved_tokens = state.save, state.saved_tokens
         canvas = jnp.where(
             continues[:, None],
             _per_row(lambda row, block, start: jax.lax.dynamic_update_slice_in_dim(row, block, start, 0),
                      canvas, block_tokens, length),
             canvas)
         length = jnp.where(continues, length + b, length)
-        phase = jnp.where(complete & finished, DONE, state.phase)
 
-    fresh = new_block[:, None]
-    new_state = DecodeState(
-        k=k, v=v, canvas=canvas, length=length,
+    fresh = continues[:, None]
+    new_state = dataclasses.replace(
+        state, k=k, v=v, canvas=canvas, length=length,
         block_tokens=jnp.where(fresh, plan.mask_id, block_tokens),
         masked=jnp.where(fresh, True, masked),
         block_trace=jnp.where(fresh, 0, block_trace),
         block_logprob=jnp.where(fresh, 0.0, block_logprob),
-        prompt_count=jnp.where(new_block, 0, state.prompt_count),
-        step_in_block=jnp.where(new_block, 0, step_in_block),
-        global_step=global_step,
-        phase=phase.astype(jnp.int32),
-        out_tokens=out_tokens, out_trace=out_trace, out_logprob=out_logprob, out_len=out_len,
-        hit_stop=state.hit_stop | hit_now,
-        row_keys=state.row_keys,
-        num_forwards=state.num_forwards + 1,
+        prompt_count=jnp.where(continues, 0, state.prompt_count),
+        step_in_block=jnp.where(continues, 0, step_in_block),
+        global_step=global_step, active=active & ~finished, save=save, saved_tokens=saved_tokens,
+        out_len=out_len, **rows,
+        num_forwards=state.num_forwards + 1, save_forwards=save_forwards,
     )
-    return _constrain_state(new_state, plan)
+    return _constrain_tree(new_state, plan)
 
 
 def _decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, knobs: _Knobs,
-            limit: jax.Array, plan: _Plan) -> tuple[DecodeState, jax.Array]:
-    """Runs iterations until every row is done or `limit` iterations have run.
+            limit: jax.Array, pending: jax.Array, plan: _Plan) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """Runs iterations until no slot is active, `limit` iterations have run, or a replica with
+    `pending` [replicas] rows still to start has free slots for `refill_at` of them (or all).
 
-    Also returns a replicated int32 summary [rows done, tokens generated, forwards] that every host
-    can read without gathering the sharded state."""
+    Also returns, replicated (every host reads them without gathering the sharded state), an int32
+    summary [tokens generated, forwards, save forwards] and the free slots [replicas * A] bool."""
     model: Decoder = nnx.merge(graphdef, params)
+
+    def refill_due(s):
+        free = jnp.sum(_by_replica(~s.active, plan.replicas), axis=1)
+        return jnp.any((pending > 0) & (free >= jnp.minimum(pending, plan.refill_at)))
 
     def cond(carry):
         iteration, s = carry
-        return (iteration < limit) & jnp.any(s.phase != DONE)
+        return (iteration < limit) & jnp.any(s.active) & ~refill_due(s)
 
     def body(carry):
         iteration, s = carry
         return iteration + 1, _iteration(model, s, knobs, plan)
 
     _, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
-    summary = jnp.stack([jnp.sum(state.phase == DONE, dtype=jnp.int32), jnp.sum(state.out_len, dtype=jnp.int32),
-                         state.num_forwards])
-    return state, _replicated(summary, plan)
+    summary = jnp.stack([jnp.sum(state.rows_length, dtype=jnp.int32), state.num_forwards, state.save_forwards])
+    return state, _replicated(summary, plan), _replicated(~state.active, plan)
 
 
 def _replicated(x: jax.Array, plan: _Plan) -> jax.Array:
@@ -465,15 +650,16 @@ def _replicated(x: jax.Array, plan: _Plan) -> jax.Array:
 
 
 def _outputs(state: DecodeState, plan: _Plan, rows: int) -> dict[str, jax.Array]:
-    """The rollout arrays of the first `rows` rows, replicated (readable on every host)."""
+    """The rollout arrays of the first `rows` rows (the real ones), replicated (readable on every host)."""
     g = plan.max_new_tokens
-    arrays = {"tokens": state.out_tokens[:rows, :g], "lengths": state.out_len[:rows],
-              "trace": state.out_trace[:rows, :g], "logprobs": state.out_logprob[:rows, :g],
-              "hit_stop": state.hit_stop[:rows], "num_steps": state.global_step[:rows]}
+    arrays = {"tokens": state.rows_tokens[:rows, :g], "lengths": state.rows_length[:rows],
+              "trace": state.rows_trace[:rows, :g], "logprobs": state.rows_logprob[:rows, :g],
+              "hit_stop": state.rows_hit_stop[:rows], "num_steps": state.rows_steps[:rows]}
     return {name: _replicated(value, plan) for name, value in arrays.items()}
 
 
-_start_jit = jax.jit(_start, static_argnames=("graphdef", "plan", "num_samples"))
+_start_jit = jax.jit(_start, static_argnames=("plan",))
+_refill_jit = jax.jit(_refill, static_argnames=("graphdef", "plan"), donate_argnames=("state", "stage"))
 _decode_jit = jax.jit(_decode, static_argnames=("graphdef", "plan"), donate_argnames=("state",))
 _outputs_jit = jax.jit(_outputs, static_argnames=("plan", "rows"))
 
@@ -509,6 +695,8 @@ def check_sampling(sampling: SamplingConfig, model_config: ModelConfig) -> None:
         raise ConfigError(f"sampling.max_new_tokens: must be >= 1, got {sampling.max_new_tokens}")
     if sampling.num_samples < 1:
         raise ConfigError(f"sampling.num_samples: must be >= 1, got {sampling.num_samples}")
+    if sampling.max_active < 1:
+        raise ConfigError(f"sampling.max_active: must be >= 1, got {sampling.max_active}")
     for i, token in enumerate(sampling.stop_token_ids):
         if not 0 <= token < model_config.vocab_size:
             raise ConfigError(f"sampling.stop_token_ids[{i}]: {token} is not in [0, vocab_size={model_config.vocab_size})")
@@ -577,12 +765,77 @@ def rollout_params(params: nnx.State, config: ModelConfig) -> nnx.State:
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
+class _Schedule:
+    """Host bookkeeping of one `generate`: which prompts are staged and which slots hold rows.
+
+    Per replica d: its prompts (local index p, global d * prompts_per_replica + p) wait unloaded;
+    the stage is reloaded with the next `staged` of them once every staged row has started; free
+    slots take the staged rows in order (row p * num_samples + sample within the replica)."""
+
+    def __init__(self, plan: _Plan, tokens: np.ndarray, lengths: np.ndarray, num_real: int, num_samples: int):
+        self.plan, self.tokens, self.lengths, self.num_samples = plan, tokens, lengths, num_samples
+        per_replica = tokens.shape[0] // plan.replicas
+        self.unloaded = [[p for p in range(per_replica) if d * per_replica + p < num_real]
+                         for d in range(plan.replicas)]
+        self.per_replica = per_replica
+        self.stage: list[list[list[int] | None]] = [[None] * plan.staged for _ in range(plan.replicas)]
+        self.free = np.ones(plan.replicas * plan.max_active, bool)
+        self.started = 0
+
+    def _staged_left(self, d: int) -> int:
+        return sum(self.num_samples - e[1] for e in self.stage[d] if e is not None)
+
+    def pending(self) -> np.ndarray:
+        """[replicas] rows not started yet."""
+        return np.array([self.num_samples * len(self.unloaded[d]) + self._staged_left(d)
+                         for d in range(self.plan.replicas)], np.int32)
+
+    def next_refill(self):
+        """The inputs of one refill call, or None when no free slot can take a row."""
+        p = self.plan
+        entries, slots = p.replicas * p.staged, p.replicas * p.max_active
+        load = np.zeros(entries, bool)
+        load_tokens = np.repeat(self.tokens[:1], entries, axis=0)  # entries not loaded: any valid prompt
+        load_lengths = np.full(entries, self.lengths[0], np.int32)
+        assign_entry = np.full(slots, -1, np.int32)
+        assign_row = np.full(slots, p.rows_per_replica, np.int32)
+        for d in range(p.replicas):
+            free = np.flatnonzero(self.free[d * p.max_active:(d + 1) * p.max_active])
+            if free.size == 0:
+                continue
+            stage = self.stage[d]
+            if self._staged_left(d) == 0 and self.unloaded[d]:
+                for e in range(p.staged):
+                    if not self.unloaded[d]:
+                        stage[e] = None
+                        continue
+                    prompt = self.unloaded[d].pop(0)
+                    stage[e] = [prompt, 0]
+                    load[d * p.staged + e] = True
+                    load_tokens[d * p.staged + e] = self.tokens[d * self.per_replica + prompt]
+                    load_lengths[d * p.staged + e] = self.lengths[d * self.per_replica + prompt]
+            for slot in free:
+                entry = next((e for e, x in enumerate(stage) if x is not None and x[1] < self.num_samples), None)
+                if entry is None:
+                    break
+                prompt, sample = stage[entry]
+                stage[entry][1] += 1
+                assign_entry[d * p.max_active + slot] = entry
+                assign_row[d * p.max_active + slot] = prompt * self.num_samples + sample
+                self.free[d * p.max_active + slot] = False
+                self.started += 1
+        if (assign_entry < 0).all():
+            return None
+        return load_tokens, load_lengths, load, assign_entry, assign_row
+
+
 class BlockDiffusionSampler:
     """Generates responses from an SDAR/TraDo model with the cached (or reference) block sampler.
 
     Usage: `BlockDiffusionSampler(model, config.sampling).generate(prompt_ids, rng=0)`. For RL,
     pass the current parameters to each `generate(..., params=...)` call; compiled code is reused
-    as long as the shapes (batch, prompt bucket, max_new_tokens) and static options do not change.
+    as long as the shapes (rows, prompt bucket, max_new_tokens) and static options do not change.
+    At most `sampling.max_active` sequences per data-parallel replica are resident at once.
     """
 
     def __init__(self, model: Decoder, sampling: SamplingConfig, *, mesh: Mesh | None = None, cached: bool = True):
@@ -612,14 +865,27 @@ class BlockDiffusionSampler:
 
         return shard_params(params, self.mesh, role="rollout")
 
-    def _plan(self, bucket: int) -> _Plan:
-        s = self.sampling
+    def _plan(self, bucket: int, num_prompts: int) -> _Plan:
+        """The plan for `num_prompts` prompts (a multiple of the data-parallel size) in `bucket`."""
+        s, c = self.sampling, self.model_config
+        per_replica = num_prompts // self.data_parallel
+        rows = per_replica * s.num_samples
+        active = min(s.max_active, rows)
         return _Plan(
             block_size=s.block_size, steps=s.denoising_steps, top_k=s.top_k, use_top_p=s.top_p < 1.0,
             strategy=s.remasking_strategy,
-            slots=cache_slots(bucket, s.block_size, s.max_new_tokens), max_new_tokens=s.max_new_tokens,
-            cached=self.cached, mask_id=self.model_config.mask_token_id, pad_id=self.model_config.pad_token_id,
-            batch_axes=self.batch_axes, mesh=self.mesh if self.batch_axes else None)
+            slots=cache_slots(bucket, s.block_size, s.max_new_tokens), bucket=bucket, max_new_tokens=s.max_new_tokens,
+            cached=self.cached, mask_id=c.mask_token_id, pad_id=c.pad_token_id,
+            replicas=self.data_parallel, max_active=active,
+            staged=min(-(-active // s.num_samples) + 1, per_replica), rows_per_replica=rows,
+            refill_at=max(1, active // 8), cache_layout=(c.num_layers, c.num_kv_heads, c.head_dim),
+            cache_dtype=c.compute_dtype, batch_axes=self.batch_axes, mesh=self.mesh if self.batch_axes else None)
+
+    def _prompt_layout(self, num_real: int) -> int:
+        """Prompts after padding to a multiple of the data-parallel size."""
+        return -(-num_real // self.data_parallel) * self.data_parallel
+
+    # ------------------------------------------------------------------ AOT
 
     def abstract_params(self) -> nnx.State:
         """The placed weights' shapes, dtypes and shardings (no memory): what `generate` streams."""
@@ -650,50 +916,58 @@ class BlockDiffusionSampler:
 
         return jax.tree.map(one, value)
 
+    def _abstract_tree(self, tree, plan: _Plan):
+        """An abstract decode state or stage with the shardings `_constrain_tree` gives its leaves."""
+        fields = {}
+        for f in dataclasses.fields(tree):
+            leaf = getattr(tree, f.name)
+            if leaf is None:
+                fields[f.name] = None
+                continue
+            sharding = None
+            if self.mesh is not None:
+                spec = [None] * leaf.ndim
+                if f.name not in _REPLICATED and plan.mesh is not None:
+                    spec[_SLOT_AXIS.get(f.name, 0)] = plan.batch_axes
+                sharding = NamedSharding(self.mesh, PartitionSpec(*spec))
+            fields[f.name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+        return type(tree)(**fields)
+
     def programs(self, rows: int, prompt_len: int) -> dict[str, tuple[Callable, tuple, dict]]:
         """Every jitted function `generate` runs for `rows` sequences with prompts padded to
         `prompt_len`, as {name: (jitted_fn, args, kwargs)} with abstract arguments (shapes, dtypes,
         and this sampler's shardings on its mesh; static arguments concrete), so that
         `fn.lower(*args, **kwargs).compile()` compiles exactly the program `generate` runs (for AOT
-        memory and cost reports; works on a sampler built from `abstract_model`)."""
+        memory and cost reports; works on a sampler built from `abstract_model`).
+
+        start: allocates the slots (KV cache of `max_active` sequences per replica), the stage and
+        the rollout; refill: prefills staged prompts and starts rows in free slots; decode: the
+        denoising loop (until a refill is due or every row is done); outputs: the rollout arrays."""
         s = self.sampling
         num_real = -(-rows // s.num_samples)
-        num_prompts = -(-num_real // self.data_parallel) * self.data_parallel
+        num_prompts = self._prompt_layout(num_real)
         bucket = prompt_bucket(prompt_len, s.prompt_buckets)
-        plan = self._plan(bucket)
+        plan = self._plan(bucket, num_prompts)
         params = self.abstract_params()
         rng = self._abstract_replicated(jax.random.key(0))
-        start_args = (self.graphdef, params, self._abstract_rows((num_prompts, bucket), jnp.int32),
-                      self._abstract_rows((num_prompts,), jnp.int32), self._abstract_rows((num_prompts,), jnp.bool_),
-                      rng, plan.layout_only(), s.num_samples)
-        state = _start_jit.eval_shape(*start_args)
-        state = self._abstract_state(state, plan)
-        knobs = self._abstract_replicated(self._knobs())
-        limit = self._abstract_replicated(jnp.int32(0))
+        state, stage = _start_jit.eval_shape(plan.layout_only())
+        state, stage = self._abstract_tree(state, plan), self._abstract_tree(stage, plan)
+        entries, slots = plan.replicas * plan.staged, plan.replicas * plan.max_active
+        refill_args = (self.graphdef, params, state, stage, self._abstract_rows((entries, bucket), jnp.int32),
+                       self._abstract_rows((entries,), jnp.int32), self._abstract_rows((entries,), jnp.bool_),
+                       self._abstract_rows((slots,), jnp.int32), self._abstract_rows((slots,), jnp.int32), rng,
+                       plan.layout_only())
+        decode_args = (self.graphdef, params, state, self._abstract_replicated(self._knobs()),
+                       self._abstract_replicated(jnp.int32(0)),
+                       self._abstract_replicated(jnp.zeros((plan.replicas,), jnp.int32)), plan)
         return {
-            "start": (_start_jit, start_args, {}),
-            "decode": (_decode_jit, (self.graphdef, params, state, knobs, limit, plan), {}),
+            "start": (_start_jit, (plan.layout_only(),), {}),
+            "refill": (_refill_jit, refill_args, {}),
+            "decode": (_decode_jit, decode_args, {}),
             "outputs": (_outputs_jit, (state, plan, num_real * s.num_samples), {}),
         }
 
-    def _abstract_state(self, state: DecodeState, plan: _Plan) -> DecodeState:
-        """Attaches to every leaf of an abstract decode state the sharding `_constrain_state` gives it."""
-        fields = {}
-        for f in dataclasses.fields(state):
-            leaf = getattr(state, f.name)
-            if leaf is None:
-                fields[f.name] = None
-            elif self.mesh is None:
-                fields[f.name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
-            elif f.name == "num_forwards" or plan.mesh is None:
-                fields[f.name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                      sharding=NamedSharding(self.mesh, PartitionSpec()))
-            else:
-                spec = [None] * leaf.ndim
-                spec[1 if f.name in ("k", "v") else 0] = plan.batch_axes
-                fields[f.name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                      sharding=NamedSharding(self.mesh, PartitionSpec(*spec)))
-        return DecodeState(**fields)
+    # ------------------------------------------------------------------ generation
 
     def _knobs(self) -> _Knobs:
         s = self.sampling
@@ -704,24 +978,24 @@ class BlockDiffusionSampler:
                       dynamic_threshold=jnp.float32(s.dynamic_threshold),
                       eb_threshold=jnp.float32(s.eb_threshold), stop_ids=jnp.asarray(stop_ids))
 
+    def max_iterations(self) -> int:
+        """An upper bound on the decode iterations one sequence takes (every row finishes within it)."""
+        s = self.sampling
+        blocks = -(-(s.max_new_tokens + s.block_size - 1) // s.block_size)
+        return blocks * s.denoising_steps
+
+    def place_rows(self, x: np.ndarray) -> jax.Array:
+        """A per-row host array on the device(s): axis 0 split over the mesh's data axes."""
+        if not self.batch_axes:
+            return jnp.asarray(x) if self.mesh is None else jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
+        spec = PartitionSpec(self.batch_axes, *([None] * (x.ndim - 1)))
+        return jax.device_put(x, NamedSharding(self.mesh, spec))
+
     def _replicate(self, tree: Any) -> Any:
         """Small inputs (key, knobs, limits) committed replicated over the mesh, as `programs` says."""
         if self.mesh is None:
             return tree
         return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
-
-    def max_iterations(self) -> int:
-        """An upper bound on decode iterations (every row finishes within it)."""
-        s = self.sampling
-        blocks = -(-(s.max_new_tokens + s.block_size - 1) // s.block_size)
-        return blocks * (s.denoising_steps + (1 if self.cached else 0))
-
-    def place_rows(self, x: np.ndarray) -> jax.Array:
-        """A per-row host array on the device(s): axis 0 split over the mesh's data axes."""
-        if not self.batch_axes:
-            return jnp.asarray(x)
-        spec = PartitionSpec(self.batch_axes, *([None] * (x.ndim - 1)))
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
 
     def generate(
         self,
@@ -738,48 +1012,59 @@ class BlockDiffusionSampler:
           prompts: token-id sequences of any lengths (no padding).
           rng: a PRNG key or an int seed (default: `sampling.seed`).
           params: parameters to use instead of the ones the sampler was built with (RL updates).
-          progress: called after every compiled chunk with a `Progress`.
-          iterations_per_call: decode iterations per compiled call (default: all at once); smaller
-            values give a live progress bar at the cost of a host round trip per chunk.
+          progress: called after every compiled decode chunk with a `Progress`.
+          iterations_per_call: decode iterations per compiled call (default: until a refill is due
+            or all rows are done); smaller values give a live progress bar at the cost of a host
+            round trip per chunk.
         """
         s = self.sampling
         arrays = check_prompts(prompts, s, self.model_config)
         num_real = len(arrays)
-        num_prompts = -(-num_real // self.data_parallel) * self.data_parallel
+        num_prompts = self._prompt_layout(num_real)
         bucket = prompt_bucket(max(a.size for a in arrays), s.prompt_buckets)
-        plan = self._plan(bucket)
+        plan = self._plan(bucket, num_prompts)
         tokens = np.full((num_prompts, bucket), self.model_config.pad_token_id, np.int32)
         lengths = np.ones((num_prompts,), np.int32)
         for i, ids in enumerate(arrays):
             tokens[i, : ids.size] = ids
             lengths[i] = ids.size
-        tokens[num_real:] = tokens[0]  # padding prompts (for an even split over the mesh) start done
+        tokens[num_real:] = tokens[0]  # padding prompts (for an even split over the mesh) are never started
         lengths[num_real:] = lengths[0]
-        active = np.arange(num_prompts) < num_real
 
         if rng is None:
             rng = s.seed
         if isinstance(rng, (int, np.integer)):
             rng = jax.random.key(int(rng))
+        rng = self._replicate(rng)
         params = self.params if params is None else self._place(params)
         knobs = self._replicate(self._knobs())
-        rng = self._replicate(rng)
-
-        state = _start_jit(self.graphdef, params, self.place_rows(tokens), self.place_rows(lengths),
-                           self.place_rows(active), rng, plan.layout_only(), s.num_samples)
-        total_limit = self.max_iterations()
-        chunk = total_limit if iterations_per_call is None else max(1, int(iterations_per_call))
         real_rows = num_real * s.num_samples
-        padding_rows = (num_prompts - num_real) * s.num_samples  # done from the start
+        schedule = _Schedule(plan, tokens, lengths, num_real, s.num_samples)
+        total_limit = self.max_iterations() * plan.rows_per_replica  # a safety bound, never reached
+        chunk = self._replicate(jnp.int32(total_limit if iterations_per_call is None else max(1, int(iterations_per_call))))
+        state, stage = _start_jit(plan.layout_only())
+        loads = spent = saves = 0
         while True:
-            state, summary = _decode_jit(self.graphdef, params, state, knobs, self._replicate(jnp.int32(chunk)), plan)
-            rows_done, tokens_generated, spent = (int(x) for x in np.asarray(summary))
-            rows_done -= padding_rows
-            if progress is not None:
-                progress(Progress(rows_done=rows_done, rows_total=real_rows, tokens_generated=tokens_generated,
-                                  tokens_budget=real_rows * s.max_new_tokens, forwards=spent))
-            if rows_done == real_rows:
+            while (refill := schedule.next_refill()) is not None:
+                load_tokens, load_lengths, load, assign_entry, assign_row = refill
+                state, stage = _refill_jit(
+                    self.graphdef, params, state, stage, self.place_rows(load_tokens), self.place_rows(load_lengths),
+                    self.place_rows(load), self.place_rows(assign_entry), self.place_rows(assign_row), rng,
+                    plan.layout_only())
+                loads += bool(load.any())
+            pending = schedule.pending()
+            if not pending.any():
+                stage = None  # every row has started: free the staged prompts' cache
+            if schedule.free.all():
                 break
+            state, summary, free = _decode_jit(self.graphdef, params, state, knobs, chunk,
+                                               self._replicate(jnp.asarray(pending)), plan)
+            tokens_generated, spent, saves = (int(x) for x in np.asarray(summary))
+            schedule.free = np.array(free)
+            if progress is not None:
+                progress(Progress(rows_done=schedule.started - int((~schedule.free).sum()), rows_total=real_rows,
+                                  tokens_generated=tokens_generated, tokens_budget=real_rows * s.max_new_tokens,
+                                  forwards=spent))
             if spent >= total_limit:  # cannot happen: every strategy finishes a block in `steps` steps
                 raise RuntimeError(f"decoding did not finish within {total_limit} iterations")
         outputs = _outputs_jit(state, plan, real_rows)
@@ -788,7 +1073,8 @@ class BlockDiffusionSampler:
             prompt_index=jnp.repeat(jnp.arange(num_real, dtype=jnp.int32), s.num_samples),
             prompt_lengths=jnp.repeat(jnp.asarray(lengths[:num_real]), s.num_samples),
             num_forwards=spent,
-            prefill_forwards=1 if self.cached else 0,
+            prefill_forwards=loads if self.cached else 0,
+            save_forwards=saves,
         )
 
 
@@ -806,3 +1092,4 @@ def generate(
     """One-shot convenience: `BlockDiffusionSampler(model, sampling, ...).generate(prompts, ...)`."""
     sampler = BlockDiffusionSampler(model, sampling, mesh=mesh, cached=cached)
     return sampler.generate(prompts, rng=rng, progress=progress, iterations_per_call=iterations_per_call)
+
