@@ -330,7 +330,6 @@ class Decoder(nnx.Module):
         return self.hidden_to_logits(hidden), KVCache(new_k, new_v, length)
 
 
-
 def init_model(config: ModelConfig, seed: int = 0) -> Decoder:
     return Decoder(config, rngs=nnx.Rngs(params=seed))
 
