@@ -1,23 +1,37 @@
-"""Rollout throughput: cached vs uncached block-diffusion decoding, against hardware floors.
+"""Rollout throughput of the block-diffusion sampler against floors measured in the same run.
 
-For each model (the tiny test model and a ~100M-parameter one), batch size and mode, one rollout
-is run with a fixed amount of work (greedy static decoding, b = 4, 4 steps, no early stop: the
-benchmark model's EOS is the mask id, which the sampler never proposes). The engine is driven in
-chunks of iterations; the time between the end of the first chunk (which includes compilation)
-and every later chunk end gives the steady-state seconds per forward (the best chunk: the host may
-be busy with other work; the median is in the JSON). From it:
+One SDAR-class model (default: 125M parameters, 12 layers of 768, 32k vocabulary, float32; prompt
+64, 128 new tokens, block 4, 4 denoising steps). Two decoding modes:
 
-  * tokens/s = generated tokens / (forwards * seconds per forward)  (prefill excluded)
-  * tokens per forward = generated tokens / batched forwards
-  * the bandwidth floor of a forward = streamed weight bytes / measured memory bandwidth (a large
-    numpy copy, read + write), and how far the measured forward is above it;
-  * the compute floor = matmul FLOPs of the forward / measured matmul FLOP/s (a large jitted dot).
+  * static:  sampled (temperature 1, no top-k/top-p), low_confidence_static: one token per step;
+  * dynamic: greedy (top_k = 1), low_confidence_dynamic with threshold 0.9.
 
-Expensive uncached runs may be cut after `--max-measured-forwards` steady-state forwards (their
-forward count does not depend on the weights: it is the one complete runs are checked against).
+The model's EOS is its mask id (never proposed), so every row generates all its tokens, and its LM
+head is scaled up (`--head-scale`) so that greedy confidences look like a trained model's (with
+random small weights every position is near-uniform and dynamic decoding degenerates to static).
 
-    python benchmarks/rollout.py            # both models, batches 1/8/32/64 (~10 min on 2 cores)
-    python benchmarks/rollout.py --quick    # tiny model only, batches 1/8
+Every (batch, mode) is compiled once, then run `--repeats` times, the repeats interleaved with
+each other and with the floors, so that load from other processes on the host spreads over all of
+them alike. Per run:
+
+  * steady state, from the progress callback every `--chunk` iterations, the first chunk (which
+    holds the prefill) excluded: tokens/s (tokens committed / time), seconds per forward, forwards
+    per generated token of a row; complete runs also give the exact totals (forwards, save passes
+    if the engine reports them, tokens/s with the prefill). `--measure-forwards N` ends each run
+    after N steady forwards (a shared host cannot afford complete batch-64 runs);
+  * the weight-bandwidth floor: time to read every streamed weight once (a jitted sum over the
+    parameters the sampler streams, the embedding table excluded: a forward only gathers from it);
+    `share of weight floor` = floor / seconds per forward (1.0 = bandwidth-bound at the floor);
+  * the matmul floor of a forward: its matmul FLOPs (projections, MLP, attention over the live
+    cache, LM head) / the FLOP/s of a jitted float32 matmul measured here; `share of matmul floor`
+    likewise.
+
+Medians over repeats are reported (and the best run, in the JSON). On CPU the sampler is given
+`per_layer_view(params)` (the weights one array per layer: no copy per forward).
+
+    python benchmarks/rollout.py                  # the 125M model, batches 1 8 32 64, complete runs
+    python benchmarks/rollout.py --repeats 2 --chunk 4 --measure-forwards 8   # the same, cut (shared host)
+    python benchmarks/rollout.py --quick          # a tiny model, batches 1 and 2, one repeat (seconds)
 """
 
 from __future__ import annotations
@@ -27,50 +41,35 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flax import nnx  # noqa: E402
 
 from tradojax.config import ModelConfig, SamplingConfig  # noqa: E402
-from tradojax.models.transformer import init_model  # noqa: E402
-from tradojax.sampling.block_diffusion import BlockDiffusionSampler, cache_slots, prompt_bucket  # noqa: E402
+from tradojax.models.transformer import init_model, per_layer_view  # noqa: E402
+from tradojax.sampling.block_diffusion import BlockDiffusionSampler, cache_slots  # noqa: E402
 
 MODELS = {
-    "tiny": ModelConfig(),
-    # ~100M: Qwen3-style, 8 layers of 768 (12 heads, 4 KV heads), 32k vocabulary, untied head
-    "100m": ModelConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=8, num_heads=12,
+    # the SDAR-class model of issue 13: 124.7M parameters
+    "125m": ModelConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
                         num_kv_heads=4, head_dim=64, max_position_embeddings=4096),
+    "tiny": ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=16, max_position_embeddings=512),
 }
 
-
-class _Enough(Exception):
-    """Raised from the progress callback to cut an expensive run once it has been measured."""
-
-
-def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
-    """Bytes/s of a large numpy copy (each byte read once and written once)."""
-    source = np.ones(megabytes * (1 << 20) // 4, np.float32)
-    target = np.empty_like(source)
-    np.copyto(target, source)
-    best = min(_timed(lambda: np.copyto(target, source)) for _ in range(repeats))
-    return 2 * source.nbytes / best
-
-
-def matmul_flops(size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a jitted float32 [size, size] @ [size, size]."""
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    dot = jax.jit(lambda x, y: x @ y)
-    dot(a, a).block_until_ready()
-    best = min(_timed(lambda: dot(a, a).block_until_ready()) for _ in range(repeats))
-    return 2 * size**3 / best
+MODES = {
+    "static": dict(temperature=1.0, top_k=0, remasking_strategy="low_confidence_static"),
+    "dynamic": dict(top_k=1, remasking_strategy="low_confidence_dynamic", dynamic_threshold=0.9),
+}
 
 
 def _timed(fn) -> float:
@@ -79,165 +78,206 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def streamed_weight_bytes(config: ModelConfig) -> int:
-    """Parameter bytes a forward reads in full (every matrix; the embedding table is only gathered)."""
-    embedding = config.vocab_size * config.hidden_size
-    return (config.num_params() - embedding) * 4  # float32
+def streamed_weights(params: nnx.State) -> list[jax.Array]:
+    """Every parameter a forward reads in full: all but the embedding table (rows are gathered)."""
+    return [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+            if "embed_tokens" not in jax.tree_util.keystr(path)]
 
 
-def forward_flops(config: ModelConfig, rows: int, query_tokens: int, key_tokens: int, head_tokens: int) -> float:
-    """Matmul FLOPs of one batched forward: projections + MLP over `query_tokens` per row, attention
-    over `key_tokens`, the LM head over `head_tokens` per row."""
+class Floors:
+    """The weight-read and matmul floors, timed on demand (interleaved with the rollouts)."""
+
+    def __init__(self, weights: list[jax.Array], matmul_size: int):
+        self.weights = weights
+        self.weight_bytes = sum(w.size * w.dtype.itemsize for w in weights)
+        self._read = jax.jit(lambda ws: sum(jnp.sum(w) for w in ws))
+        self._read(weights).block_until_ready()
+        self.matmul_size = matmul_size
+        self._a = jax.random.normal(jax.random.key(0), (matmul_size, matmul_size), jnp.float32)
+        self._dot = jax.jit(lambda x: x @ x)
+        self._dot(self._a).block_until_ready()
+        self.read_seconds: list[float] = []
+        self.matmul_seconds: list[float] = []
+
+    def measure(self, repeats: int = 3) -> None:
+        self.read_seconds.append(min(_timed(lambda: self._read(self.weights).block_until_ready())
+                                     for _ in range(repeats)))
+        self.matmul_seconds.append(min(_timed(lambda: self._dot(self._a).block_until_ready())
+                                       for _ in range(repeats)))
+
+    @property
+    def weight_read_seconds(self) -> float:
+        return statistics.median(self.read_seconds)
+
+    @property
+    def matmul_flops_per_second(self) -> float:
+        return 2 * self.matmul_size ** 3 / statistics.median(self.matmul_seconds)
+
+
+def forward_flops(config: ModelConfig, rows: int, block: int, live_keys: float) -> float:
+    """Matmul FLOPs of one cached decode forward: projections + MLP of `block` tokens per row,
+    attention over `live_keys` keys (cache + block), the LM head of `block` tokens."""
     c = config
-    d, hd = c.hidden_size, c.head_dim
-    per_token_layer = 2 * (d * hd * (2 * c.num_heads + 2 * c.num_kv_heads) + 3 * d * c.intermediate_size)
-    attention = 4 * c.num_heads * hd * key_tokens  # scores + weighted values, per query token per layer
-    body = rows * query_tokens * c.num_layers * (per_token_layer + attention)
-    head = rows * head_tokens * 2 * d * c.vocab_size
-    return float(body + head)
+    projections = 2 * c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    mlp = 2 * 3 * c.hidden_size * c.intermediate_size
+    attention = 4 * c.num_heads * c.head_dim * live_keys
+    head = 2 * c.hidden_size * c.vocab_size
+    return float(rows * block * (c.num_layers * (projections + mlp + attention) + head))
 
 
-def run_one(model, config: ModelConfig, sampling: SamplingConfig, prompts, cached: bool, chunk: int,
-            max_measured: int | None) -> dict:
-    sampler = BlockDiffusionSampler(model, sampling, cached=cached)
-    marks: list[tuple[float, int]] = []
+class _Measured(Exception):
+    """Raised from the progress callback once a run has measured enough forwards."""
+
+
+def run_once(sampler: BlockDiffusionSampler, params, prompts, chunk: int, measure_forwards: int) -> dict:
+    """One `generate` call, timed at every chunk end. With `measure_forwards` > 0 the run stops once
+    that many forwards have run after the first chunk (which holds the prefill, and compilation)."""
+    marks: list[tuple[float, int, int]] = []  # (time, forwards, tokens generated)
 
     def progress(p):
-        marks.append((time.perf_counter(), p.forwards))
-        if max_measured is not None and len(marks) >= 2 and marks[-1][1] - marks[0][1] >= max_measured \
-                and p.rows_done < p.rows_total:
-            raise _Enough
+        marks.append((time.perf_counter(), p.forwards, p.tokens_generated))
+        if measure_forwards and p.forwards - marks[0][1] >= measure_forwards and p.rows_done < p.rows_total:
+            raise _Measured
 
     start = time.perf_counter()
     complete = True
     try:
-        rollout = sampler.generate(prompts, rng=0, progress=progress, iterations_per_call=chunk)
+        rollout = sampler.generate(prompts, rng=0, params=params, iterations_per_call=chunk, progress=progress)
         jax.block_until_ready(rollout.tokens)
-        generated, forwards = rollout.num_generated, rollout.num_forwards
-    except _Enough:
+    except _Measured:
         complete = False
-        generated = forwards = None
-    total = time.perf_counter() - start
-    if len(marks) < 2:
-        raise RuntimeError("run too short to measure: lower the chunk size")
-    # per-forward time of every chunk after the first (which includes compilation); the best one
-    # is the least disturbed by other work on the host
-    rates = [(t1 - t0) / (f1 - f0) for (t0, f0), (t1, f1) in zip(marks[:-1], marks[1:]) if f1 > f0]
-    return {"seconds_per_forward": min(rates), "median_seconds_per_forward": float(np.median(rates)),
-            "measured_forwards": marks[-1][1] - marks[0][1], "complete": complete,
-            "generated": generated, "forwards": forwards, "wall_seconds_incl_compile": total}
+    wall = time.perf_counter() - start
+    result = {"complete": complete, "wall_seconds": wall}
+    if complete:
+        result.update(generated=rollout.num_generated, forwards=int(rollout.num_forwards),
+                      save_forwards=getattr(rollout, "save_forwards", None))
+    if len(marks) >= 2:  # steady state: from the end of the first chunk to the last mark
+        (t0, f0, g0), (t1, f1, g1) = marks[0], marks[-1]
+        result.update(steady_seconds=t1 - t0, steady_forwards=f1 - f0, steady_tokens=g1 - g0)
+    elif complete:  # one chunk: the whole run, prefill included
+        result.update(steady_seconds=wall, steady_forwards=result["forwards"], steady_tokens=result["generated"])
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny model, batches 1 and 8")
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="default: tiny 100m (tiny with --quick)")
-    parser.add_argument("--batches", type=int, nargs="+", help="default: 1 8 32 64 (1 8 with --quick)")
-    parser.add_argument("--prompt-length", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, nargs=2, default=[64, 16], metavar=("TINY", "100M"),
-                        help="tokens to generate for tiny and 100m")
-    parser.add_argument("--max-measured-forwards", type=int, default=8,
-                        help="cut 100m runs after this many steady-state forwards (0: never)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, batches 1 and 2, one repeat")
+    parser.add_argument("--model", choices=sorted(MODELS), help="default: 125m (tiny with --quick)")
+    parser.add_argument("--batches", type=int, nargs="+", help="default: 1 8 32 64 (1 2 with --quick)")
+    parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=sorted(MODES))
+    parser.add_argument("--prompt-length", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, help="default: 128 (16 with --quick)")
+    parser.add_argument("--repeats", type=int, help="timed runs per case, interleaved (default 3, 1 with --quick)")
+    parser.add_argument("--chunk", type=int, default=8, help="decode iterations per compiled call")
+    parser.add_argument("--measure-forwards", type=int, default=0,
+                        help="stop each run after this many steady-state forwards (0: run to the end); for a "
+                             "shared host where complete batch-64 runs take too long")
+    parser.add_argument("--head-scale", type=float, default=40.0,
+                        help="LM head multiplier: greedy confidences of a trained model, not a random one")
     parser.add_argument("--out", default="benchmarks/results/rollout.json")
     args = parser.parse_args(argv)
-    models = args.models or (["tiny"] if args.quick else ["tiny", "100m"])
-    batches = args.batches or ([1, 8] if args.quick else [1, 8, 32, 64])
+    name = args.model or ("tiny" if args.quick else "125m")
+    batches = args.batches or ([1, 2] if args.quick else [1, 8, 32, 64])
+    max_new = args.max_new_tokens or (16 if args.quick else 128)
+    repeats = args.repeats or (1 if args.quick else 3)
+    block = 4
 
-    bandwidth = memory_bandwidth()
-    flops = matmul_flops()
+    base = MODELS[name]
+    config = dataclasses.replace(base, eos_token_id=base.mask_token_id)  # never stops early
+    model = init_model(config, seed=0)
+    model.lm_head[...] = model.lm_head[...] * args.head_scale
+    params = nnx.split(model)[1]
+    if jax.default_backend() == "cpu":
+        params = per_layer_view(params)
+    floors = Floors(streamed_weights(params), 256 if args.quick else 2048)
+    slots = cache_slots(args.prompt_length, block, max_new)
     print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, jax {jax.__version__} "
-          f"({jax.default_backend()}); memory bandwidth {bandwidth / 1e9:.1f} GB/s (numpy copy), "
-          f"matmul {flops / 1e9:.1f} GFLOP/s (jitted 2048^2 f32)")
+          f"({jax.default_backend()}), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"{name}: {config.num_params() / 1e6:.1f}M parameters ({config.compute_dtype}), "
+          f"{floors.weight_bytes / 1e6:.1f} MB streamed per forward; prompt {args.prompt_length}, {max_new} new "
+          f"tokens, block {block}, cache {slots} slots; {repeats} interleaved repeats")
 
-    results = []
     rng = np.random.RandomState(0)
-    for name in models:
-        base = MODELS[name]
-        config = dataclasses.replace(base, eos_token_id=base.mask_token_id)  # never stops early
-        model = init_model(config, seed=0)
-        max_new = args.max_new_tokens[0] if name == "tiny" else args.max_new_tokens[1]
-        sampling = SamplingConfig(block_size=4, denoising_steps=4, top_k=1, remasking_strategy="low_confidence_static",
-                                  max_new_tokens=max_new, prompt_buckets=(args.prompt_length,))
-        weights = streamed_weight_bytes(config)
-        slots = cache_slots(prompt_bucket(args.prompt_length, sampling.prompt_buckets), 4, max_new)
-        print(f"\n{name}: {config.num_params() / 1e6:.1f}M parameters, {weights / 1e6:.1f} MB streamed per forward, "
-              f"prompt {args.prompt_length}, {max_new} new tokens, canvas/cache {slots} slots")
-        for batch in batches:
-            prompts = [rng.randint(4, config.vocab_size, size=args.prompt_length).tolist() for _ in range(batch)]
-            row = {"model": name, "params": config.num_params(), "batch": batch}
-            for cached in (True, False):
-                cut = args.max_measured_forwards if (name != "tiny" and args.max_measured_forwards) else None
-                chunk = 4 if name == "tiny" else 1
-                measured = run_one(model, config, sampling, prompts, cached, chunk, cut)
-                expected = _expected_forwards(max_new, args.prompt_length, cached)
-                if measured["complete"]:
-                    forwards, generated = measured["forwards"], measured["generated"]
-                    if (forwards, generated) != (expected, batch * max_new):
-                        raise RuntimeError(f"{name} batch {batch}: {forwards} forwards / {generated} tokens, "
-                                           f"expected {expected} / {batch * max_new}")
-                else:
-                    forwards, generated = expected, batch * max_new
-                seconds = measured["seconds_per_forward"]
-                tokens_per_forward = generated / forwards
-                if cached:
-                    step_flops = forward_flops(config, batch, 4, slots + 4, 4)
-                else:
-                    step_flops = forward_flops(config, batch, slots, slots, 4)
-                floor = weights / bandwidth
-                compute_floor = step_flops / flops
-                mode = "cached" if cached else "uncached"
-                row[mode] = {
-                    "forwards": forwards, "generated_tokens": generated, "tokens_per_forward": tokens_per_forward,
-                    "tokens_per_forward_per_row": tokens_per_forward / batch,
-                    "seconds_per_forward": seconds, "tokens_per_second": tokens_per_forward / seconds,
-                    "median_seconds_per_forward": measured["median_seconds_per_forward"],
-                    "bandwidth_floor_seconds_per_forward": floor, "times_bandwidth_floor": seconds / floor,
-                    "compute_floor_seconds_per_forward": compute_floor, "times_compute_floor": seconds / compute_floor,
-                    "measured_forwards": measured["measured_forwards"], "complete_run": measured["complete"],
-                    "wall_seconds_incl_compile": measured["wall_seconds_incl_compile"],
-                }
-            row["speedup_cached_over_uncached"] = row["cached"]["tokens_per_second"] / row["uncached"]["tokens_per_second"]
-            results.append(row)
-            _print_row(row)
+    cases = {}
+    for batch in batches:
+        prompts = [rng.randint(4, config.vocab_size, size=args.prompt_length).tolist() for _ in range(batch)]
+        for mode in args.modes:
+            sampling = SamplingConfig(block_size=block, denoising_steps=block, max_new_tokens=max_new,
+                                      prompt_buckets=(args.prompt_length,), **MODES[mode])
+            sampler = BlockDiffusionSampler(model, sampling)
+            start = time.perf_counter()
+            run_once(sampler, params, prompts, args.chunk, args.measure_forwards)  # compile, warm up
+            cases[(batch, mode)] = {"sampler": sampler, "prompts": prompts, "runs": [],
+                                    "compile_and_first_run_seconds": time.perf_counter() - start}
+    for repeat in range(repeats):
+        floors.measure()
+        for key, case in cases.items():
+            case["runs"].append(run_once(case["sampler"], params, case["prompts"], args.chunk, args.measure_forwards))
+    floors.measure()
+
+    floor_seconds = floors.weight_read_seconds
+    flops_per_second = floors.matmul_flops_per_second
+    average_live = args.prompt_length + max_new / 2 + block
+    results = []
+    for (batch, mode), case in cases.items():
+        runs = case["runs"]
+        complete = [r for r in runs if r["complete"]]
+        if any((r["forwards"], r["generated"]) != (complete[0]["forwards"], complete[0]["generated"]) for r in complete):
+            raise RuntimeError(f"batch {batch} {mode}: runs differ in forwards or tokens: {runs}")
+        seconds = statistics.median(r["steady_seconds"] / r["steady_forwards"] for r in runs)
+        tokens_per_forward = sum(r["steady_tokens"] for r in runs) / sum(r["steady_forwards"] for r in runs)
+        matmul_floor = forward_flops(config, batch, block, average_live) / flops_per_second
+        row = {
+            "batch": batch, "mode": mode,
+            "complete_runs": len(complete),
+            "generated_tokens": complete[0]["generated"] if complete else None,
+            "forwards": complete[0]["forwards"] if complete else None,
+            "save_forwards": complete[0]["save_forwards"] if complete else None,
+            # forwards per generated token of one row (steady state; exact totals in forwards/generated_tokens)
+            "forwards_per_token": batch / tokens_per_forward if tokens_per_forward else None,
+            "tokens_per_second": statistics.median(r["steady_tokens"] / r["steady_seconds"] for r in runs),
+            "tokens_per_second_incl_prefill": (statistics.median(r["generated"] / r["wall_seconds"] for r in complete)
+                                               if complete else None),
+            "seconds_per_forward": seconds,
+            "share_of_weight_floor": floor_seconds / seconds,
+            "matmul_floor_seconds_per_forward": matmul_floor,
+            "share_of_matmul_floor": matmul_floor / seconds,
+            "compile_and_first_run_seconds": case["compile_and_first_run_seconds"],
+            "runs": runs,
+        }
+        results.append(row)
+    _print_table(results, floor_seconds, flops_per_second)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
+        "command": "python benchmarks/rollout.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "host": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                  "jax": jax.__version__, "backend": jax.default_backend(),
-                 "memory_bandwidth_bytes_per_second": bandwidth, "matmul_flops_per_second": flops},
-        "sampling": {"block_size": 4, "denoising_steps": 4, "strategy": "low_confidence_static", "top_k": 1,
-                     "prompt_length": args.prompt_length},
+                 "xla_flags": os.environ.get("XLA_FLAGS", "")},
+        "model": {"name": name, "params": config.num_params(), "dtype": config.compute_dtype,
+                  "streamed_weight_bytes": floors.weight_bytes, "head_scale": args.head_scale},
+        "sampling": {"prompt_length": args.prompt_length, "max_new_tokens": max_new, "block_size": block,
+                     "denoising_steps": block, "modes": {m: MODES[m] for m in args.modes}},
+        "floors": {"weight_read_seconds": floor_seconds, "weight_read_bytes_per_second": floors.weight_bytes / floor_seconds,
+                   "weight_read_seconds_each": floors.read_seconds,
+                   "matmul_flops_per_second": flops_per_second, "matmul_size": floors.matmul_size,
+                   "matmul_seconds_each": floors.matmul_seconds},
+        "repeats": repeats, "chunk": args.chunk, "measure_forwards": args.measure_forwards,
         "results": results,
     }, indent=2))
     print(f"\nwrote {out}")
     return 0
 
 
-def _expected_forwards(max_new: int, prompt_length: int, cached: bool) -> int:
-    """Greedy static decoding with b = steps = 4 and no early stop: one denoising step per token
-    (left to right; the last block stops once the cap is reached) plus, cached, one save pass per
-    block that is followed by another."""
-    blocks = -(-((prompt_length % 4) + max_new) // 4)
-    return max_new + (blocks - 1 if cached else 0)
-
-
-_HEADER_PRINTED = False
-
-
-def _print_row(row: dict) -> None:
-    global _HEADER_PRINTED
-    if not _HEADER_PRINTED:
-        print(f"{'model':>5} {'batch':>5} {'mode':>8} {'fwd':>4} {'tok/fwd':>8} {'ms/fwd':>9} {'tok/s':>9} "
-              f"{'x bw floor':>10} {'x flop floor':>12} {'cached/uncached':>15}")
-        _HEADER_PRINTED = True
-    for mode in ("cached", "uncached"):
-        r = row[mode]
-        speedup = f"{row['speedup_cached_over_uncached']:.2f}x" if mode == "cached" else ""
-        cut = "" if r["complete_run"] else "*"
-        print(f"{row['model']:>5} {row['batch']:>5} {mode:>8} {r['forwards']:>4}{cut:1}{r['tokens_per_forward']:>7.2f} "
-              f"{r['seconds_per_forward'] * 1e3:>9.2f} {r['tokens_per_second']:>9.1f} "
-              f"{r['times_bandwidth_floor']:>10.1f} {r['times_compute_floor']:>12.1f} {speedup:>15}")
+def _print_table(results: list[dict], floor_seconds: float, flops_per_second: float) -> None:
+    print(f"\nweight-read floor {floor_seconds * 1e3:.1f} ms per forward; matmul {flops_per_second / 1e9:.1f} GFLOP/s")
+    print(f"{'batch':>5} {'mode':>8} {'fwd':>5} {'fwd/tok':>8} {'tok/s':>9} {'ms/fwd':>9} "
+          f"{'weight floor':>12} {'matmul floor':>12}")
+    for r in results:
+        print(f"{r['batch']:>5} {r['mode']:>8} {str(r['forwards'] or '-'):>5} {r['forwards_per_token']:>8.2f} "
+              f"{r['tokens_per_second']:>9.1f} {r['seconds_per_forward'] * 1e3:>9.2f} "
+              f"{r['share_of_weight_floor']:>12.2f} {r['share_of_matmul_floor']:>12.2f}")
 
 
 if __name__ == "__main__":
