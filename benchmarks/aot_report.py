@@ -1,21 +1,22 @@
-"""Which TPU slice do TraDo-4B and TraDo-8B TraceRL fit on? Compiles the rollout and the policy
-update with the real TPU compiler on this host (`tradojax aot`, needs libtpu) for a list of
-slices and meshes, prints a table and writes JSON.
+"""Does every shipped config fit where it says? Compiles, with the real TPU compiler on this host
+(`tradojax aot`, needs libtpu), every program of each config's run on each slice its `mesh.slices`
+names, at full size, and prints the README's table (per chip: the largest total of each group of
+programs, with what the run holds beside it).
 
-  python benchmarks/aot_report.py                       # every case (about an hour on 2 cores)
-  python benchmarks/aot_report.py --only 4b-v5p --out aot_4b.json
-  python benchmarks/aot_report.py --list                # the cases and their exact commands
+  python benchmarks/aot_report.py                                 # every case (hours on 2 cores)
+  python benchmarks/aot_report.py --only rl_trado_4b --out x.json # cases whose name starts so
+  python benchmarks/aot_report.py --list                          # the cases and their exact commands
+  python benchmarks/aot_report.py --from-json benchmarks/results/aot_report.json   # the table again
 
-Shapes are the original's (spec 3.11): prompts of 784 tokens (bucket 784), 2000 new tokens,
-64 rollout sequences per model replica (a replica is one `tensor` group: `data * fsdp` of them),
-and one training row per data-parallel chip per micro-step (the original's batch_size_lm 1).
+Each (config, slice) runs in its own process, one after another (a full-size 4B update takes
+about ten minutes to compile on 2 busy cores); results are written after every case, so an
+interrupted report keeps them. A compile that runs out of HBM is reported as not fitting.
 
-Precision: the rollout runs a bfloat16 copy of the weights; the update keeps float32 master
-weights (`model.param_dtype=float32`, bfloat16 compute) with float32 AdamW moments, as bf16
-mixed precision needs: a 1e-6 AdamW step on bfloat16 weights rounds to nothing.
-
-Each case runs in its own process (one compile at a time; a compile that runs out of HBM is
-reported as not fitting).
+The RL cases compile the rollout and learner programs; the eval sweep's sampler programs (the
+same functions on `eval.chunk_tasks x eval.num_samples` rows, fewer than a rollout's, with the
+same `max_active`) are compiled at full size by the eval configs' cases and, for every config, by
+`tests/test_aot.py` at 2 layers. `rl_sdar_code` runs the programs of `rl_trado_4b` (only its
+rewards differ; the test checks that they lower to the same text).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -32,168 +34,144 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPT_LENGTH, RESPONSE_LENGTH, SEQUENCES_PER_REPLICA, ROWS_PER_CHIP = 784, 2000, 64, 1
-HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+sys.path.insert(0, str(REPO))
+
+from tradojax.aot import HBM_GIB, oom_required_bytes  # noqa: E402
+from tradojax.config import load_config  # noqa: E402
+
+# in the order the report runs them: the RL configs' first slices first
+SHIPPED = ["rl_trado_4b", "rl_trado_8b", "rl_trado_8b_thinking", "rl_trado_4b_value", "trado_4b", "trado_8b"]
+RL_PROGRAMS = "rollout,old_logprobs,ref_logprobs,policy_update,old_values,value_update"
+# beyond each config's own settings: what its docstring suggests for v5p (faster rollouts) and v5e
+VARIANTS = {
+    "rl_trado_4b+max_active128": ("rl_trado_4b", "v5p:2x2x1", ["--config.sampling.max_active=128"]),
+    "rl_trado_8b+dp4": ("rl_trado_8b", "v5p:2x2x1", ["--config.mesh.fsdp=4", "--config.mesh.tensor=1",
+                                                     "--config.sampling.max_active=64"]),
+    "rl_trado_4b+v5e": ("rl_trado_4b", "v5e:2x4", ["--config.sampling.max_active=8"]),
+    "rl_trado_8b+v5e": ("rl_trado_8b", "v5e:4x4", ["--config.sampling.max_active=4"]),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str
-    config: str
+    config: str  # a file stem under configs/
     topology: str
-    mesh: tuple[int, int, int]  # data, fsdp, tensor
-    sequences_per_replica: int = SEQUENCES_PER_REPLICA
-    rows_per_chip: int = ROWS_PER_CHIP
+    overrides: tuple[str, ...] = ()
+    programs: str = ""  # program-name prefixes (default: RL_PROGRAMS for RL configs, all for eval configs)
 
-    @property
-    def chips(self) -> int:
-        dims = self.topology.split(":")[1].split("x")
-        count = 1
-        for d in dims:
-            count *= int(d)
-        return count
-
-    def commands(self) -> dict[str, list[str]]:
-        """One `tradojax aot` command per step (they differ in the weights' dtype)."""
-        data, fsdp, tensor = self.mesh
-        replicas = data * fsdp
-        common = ["--config=" + self.config, f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}",
-                  f"--config.mesh.tensor={tensor}", "--topology", self.topology,
-                  "--prompt-length", str(PROMPT_LENGTH), "--response-length", str(RESPONSE_LENGTH)]
-        rows = self.rows_per_chip * replicas
-        return {
-            "rollout": ["tradojax", "aot", *common, "--config.model.param_dtype=bfloat16", "--steps", "rollout",
-                        "--batch", str(self.sequences_per_replica * replicas)],
-            "update": ["tradojax", "aot", *common, "--config.model.param_dtype=float32",
-                       f"--config.train.micro_batch_size={rows}", "--steps", "update", "--rows", str(rows)],
-        }
+    def command(self) -> list[str]:
+        programs = self.programs or (RL_PROGRAMS if self.config.startswith("rl_") else "")
+        only = ["--programs", programs] if programs else []
+        return ["tradojax", "aot", f"--config=configs/{self.config}.py", *self.overrides, "--topology", self.topology,
+                *only]
 
 
-CASES = [
-    Case("4b-v5p-2x2x1", "configs/rl_trado_4b.py", "v5p:2x2x1", (1, 4, 1)),
-    Case("4b-v6e-2x2-fsdp", "configs/rl_trado_4b.py", "v6e:2x2", (1, 4, 1)),
-    Case("4b-v6e-2x2-tp2", "configs/rl_trado_4b.py", "v6e:2x2", (1, 2, 2)),
-    Case("4b-v5e-2x2", "configs/rl_trado_4b.py", "v5e:2x2", (1, 1, 4)),
-    Case("4b-v5e-2x4", "configs/rl_trado_4b.py", "v5e:2x4", (1, 2, 4)),
-    Case("8b-v5p-2x2x1", "configs/rl_trado_8b.py", "v5p:2x2x1", (1, 4, 1)),
-    Case("8b-v6e-2x2", "configs/rl_trado_8b.py", "v6e:2x2", (1, 2, 2)),
-    Case("8b-v6e-2x4", "configs/rl_trado_8b.py", "v6e:2x4", (1, 4, 2)),
-    Case("8b-v5e-2x4", "configs/rl_trado_8b.py", "v5e:2x4", (1, 2, 4)),
-    Case("8b-v5e-4x4", "configs/rl_trado_8b.py", "v5e:4x4", (1, 4, 4)),
-    # headroom on the smallest v5p slice: 4 rows per chip per micro-step, 128 sequences per replica
-    Case("4b-v5p-2x2x1-large", "configs/rl_trado_4b.py", "v5p:2x2x1", (1, 4, 1), 128, 4),
-    Case("8b-v5p-2x2x1-large", "configs/rl_trado_8b.py", "v5p:2x2x1", (1, 4, 1), 128, 4),
-]
+def cases() -> list[Case]:
+    slices = {stem: load_config(REPO / "configs" / f"{stem}.py").mesh.slices for stem in SHIPPED}
+    found = [Case(f"{stem}@{topology}", stem, topology) for depth in range(max(map(len, slices.values())))
+             for stem in SHIPPED if depth < len(slices[stem]) for topology in [slices[stem][depth]]]
+    for name, (stem, topology, overrides) in VARIANTS.items():
+        found.append(Case(f"{name}@{topology}", stem, topology, tuple(overrides)))
+    return found
 
 
 def run_case(case: Case, timeout_s: int) -> list[dict]:
-    rows = []
-    for step, command in case.commands().items():
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "aot.json"
-            argv = [sys.executable, "-m", "tradojax.cli", *command[1:], "--json", str(out)]
-            start = time.perf_counter()
-            try:
-                done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
-                                      env=dict(os.environ, JAX_PLATFORMS="cpu"))
-                failure = "" if done.returncode == 0 else (done.stderr.strip().splitlines() or ["?"])[-1]
-            except subprocess.TimeoutExpired:
-                failure = f"timed out after {timeout_s} s"
-            elapsed = time.perf_counter() - start
-            results = json.loads(out.read_text()) if out.exists() and not failure else []
-        if failure:
-            results = [{"step": step, "fits": False, "error": failure, "peak_bytes": 0, "flops_per_chip": 0.0,
-                        "compile_s": elapsed}]
-        for r in results:
-            r.update(case=case.name, config=case.config, topology=case.topology, chips=case.chips,
-                     mesh_axes=dict(zip(("data", "fsdp", "tensor"), case.mesh)),
-                     command=" ".join(shlex.quote(a) for a in command))
-            rows.append(r)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "aot.json"
+        argv = [sys.executable, "-m", "tradojax.cli", *case.command()[1:], "--json", str(out)]
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
+                                  env=dict(os.environ, JAX_PLATFORMS="cpu"))
+            # exit 1: compiled, something does not fit (the JSON says what); anything else failed
+            errors = [line for line in done.stderr.splitlines() if re.match(r"^\w+(Error|Exception)\b", line)]
+            failure = "" if done.returncode in (0, 1) and out.exists() else (
+                errors or done.stderr.strip().splitlines() or ["?"])[-1]
+        except subprocess.TimeoutExpired:
+            failure = f"timed out after {timeout_s} s"
+        elapsed = time.perf_counter() - start
+        rows = json.loads(out.read_text()) if not failure else [
+            {"program": "(all)", "fits": False, "error": failure, "total_bytes": 0, "compile_s": elapsed,
+             "topology": case.topology, "mesh": {}, "chips": 0}]
+    for row in rows:
+        row.update(case=case.name, config_stem=case.config, overrides=list(case.overrides),
+                   command=" ".join(shlex.quote(a) for a in case.command()))
     return rows
 
 
-def _required_from_error(message: str) -> int:
-    from tradojax.parallel.aot import oom_required_bytes
-
-    return oom_required_bytes(message)
+def group_of(program: str) -> str:
+    if program.startswith("rollout/"):
+        return "rollout"
+    if program.startswith("eval/"):
+        return "eval"
+    return "update" if program.endswith("update") else "forward"
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (f"| case | slice (chips) | mesh d,f,t | program | shapes | peak GiB/chip | HBM % | fits | "
-              f"TFLOP/chip | compile s |")
-    print(header)
-    print("|---|---|---|---|---|---:|---:|---|---:|---:|")
-    for r in rows:
-        hbm = HBM_GIB[r["topology"].split(":")[0]]
-        if r["step"].startswith("rollout"):
-            shapes = (f"{r.get('sequences', '?')} seqs, "
-                      f"{r.get('prompt_length', '?')}+{r.get('response_length', '?')} slots")
-        elif r["step"] == "update":
-            shapes = f"{r.get('rows', '?')} rows x {r.get('prompt_length', 0) + 2 * r.get('response_length', 0)}"
-        else:
-            shapes = ""
-        peak = r["peak_bytes"] / 2**30
-        mesh = ",".join(str(v) for v in r["mesh_axes"].values())
-        required = r.get("required_bytes") or _required_from_error(r.get("error", ""))
-        if r["fits"]:
-            note = "yes"
-        elif required:
-            note = f"NO (needs {required / 2**30:.1f} GiB)"
-        else:
-            note = "NO" + (f": {r['error'][:60]}" if r.get("error") else "")
-        peak_text, percent = (f"{peak:.2f}", f"{100 * peak / hbm:.0f}") if not r.get("error") else ("-", "-")
-        print(f"| {r['case']} | {r['topology']} ({r['chips']}) | {mesh} | {r['step']} | {shapes} | "
-              f"{peak_text} | {percent} | {note} | {r['flops_per_chip'] / 1e12:.2f} | {r['compile_s']:.0f} |")
-
-
-def summary(rows: list[dict]) -> None:
-    """The smallest slice per (model, generation) where every program fits."""
-    verdict: dict[tuple[str, str, str], bool] = {}
-    chips: dict[tuple[str, str, str], int] = {}
-    for r in rows:
-        key = (r["config"], r["topology"].split(":")[0], r["case"])
-        verdict[key] = verdict.get(key, True) and bool(r["fits"])
-        chips[key] = r["chips"]
-    print("\nsmallest fitting slice (rollout + update):")
-    for config in sorted({k[0] for k in verdict}):
-        for generation in sorted({k[1] for k in verdict if k[0] == config}):
-            fitting = [k for k in verdict if k[0] == config and k[1] == generation and verdict[k]]
-            if fitting:
-                best = min(fitting, key=lambda k: chips[k])
-                print(f"  {config} on {generation}: {best[2]} ({chips[best]} chips)")
+    """One line per case: the largest per-chip total (program + what the run holds beside it) of
+    each group of programs: rollout (start/refill/decode/outputs), forward (old log-probs, old
+    values), update (policy and value updates), eval (the eval sweep's sampler)."""
+    groups = ("rollout", "forward", "update", "eval")
+    print("| config | slice (chips) | mesh d,f,t | " + " | ".join(f"{g} GiB" for g in groups) + " | fits |")
+    print("|---|---|---|" + "---:|" * len(groups) + "---|")
+    by_case: dict[str, list[dict]] = {}
+    for r in rows:  # several passes over one case (e.g. --programs rollout, then the rest) merge
+        by_case.setdefault(r["case"], []).append(r)
+    for name, case_rows in by_case.items():
+        first = case_rows[0]
+        hbm = HBM_GIB[first["topology"].split(":")[0]]
+        cells = []
+        for g in groups:
+            members = [r for r in case_rows if r["program"] != "(all)" and group_of(r["program"]) == g]
+            if not members:
+                cells.append("-")
+                continue
+            failed = [r for r in members if r.get("error")]
+            if failed:
+                needs = max(r.get("required_bytes") or oom_required_bytes(r["error"]) for r in failed)
+                cells.append(f"needs {needs / 2**30:.1f}" if needs else "error")
             else:
-                print(f"  {config} on {generation}: none of the tried slices")
+                cells.append(f"{max(r['total_bytes'] for r in members) / 2**30:.1f}")
+        mesh = ",".join(str(first.get("mesh", {}).get(a, "?")) for a in ("data", "fsdp", "tensor"))
+        fits = all(r["fits"] for r in case_rows)
+        label = first["config_stem"] + (" " + " ".join(o.removeprefix("--config.") for o in first["overrides"])
+                                         if first["overrides"] else "")
+        note = "yes" if fits else ("NO: " + first["error"][:60] if first["program"] == "(all)" else "NO")
+        print(f"| {label} | {first['topology']} ({first.get('chips', '?')}) | {mesh} | " + " | ".join(cells)
+              + f" | {note} (HBM {hbm}) |")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated case-name prefixes (default: all)")
-    parser.add_argument("--out", default="aot_report.json", help="JSON output")
-    parser.add_argument("--timeout", type=int, default=1800, help="seconds per compile command")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "aot_report.json"), help="JSON output")
+    parser.add_argument("--timeout", type=int, default=5400, help="seconds per case")
+    parser.add_argument("--programs", default="", help="program-name prefixes to compile in every case "
+                                                       "(default: all of an eval config's, the rollout and learner "
+                                                       "programs of an RL config's)")
     parser.add_argument("--list", action="store_true", help="print the cases' commands and exit")
     parser.add_argument("--from-json", nargs="+", metavar="FILE", help="print the table of saved results and exit")
     args = parser.parse_args(argv)
     if args.from_json:
-        rows = [row for path in args.from_json for row in json.loads(Path(path).read_text())]
-        print_table(rows)
-        summary(rows)
+        print_table([row for path in args.from_json for row in json.loads(Path(path).read_text())])
         return 0
     prefixes = [p for p in args.only.split(",") if p]
-    cases = [c for c in CASES if not prefixes or any(c.name.startswith(p) for p in prefixes)]
-    if not cases:
-        parser.error(f"--only {args.only!r} matches no case (known: {', '.join(c.name for c in CASES)})")
+    chosen = [dataclasses.replace(c, programs=args.programs) for c in cases()
+              if not prefixes or any(c.name.startswith(p) for p in prefixes)]
+    if not chosen:
+        parser.error(f"--only {args.only!r} matches no case (known: {', '.join(c.name for c in cases())})")
     if args.list:
-        for case in cases:
-            for step, command in case.commands().items():
-                print(f"{case.name} {step}: {' '.join(shlex.quote(a) for a in command)}")
+        for case in chosen:
+            print(f"{case.name}: {' '.join(shlex.quote(a) for a in case.command())}")
         return 0
     rows: list[dict] = []
-    for case in cases:
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    for case in chosen:
         print(f"compiling {case.name} ...", file=sys.stderr, flush=True)
         rows.extend(run_case(case, args.timeout))
         Path(args.out).write_text(json.dumps(rows, indent=2))  # partial results survive an interruption
     print_table(rows)
-    summary(rows)
     print(f"\nwrote {args.out}")
     return 0
 

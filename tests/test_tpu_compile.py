@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from tradojax.config import MeshConfig, ModelConfig  # noqa: E402
 from tradojax.models import transformer  # noqa: E402
 from tradojax.ops.masks import MaskRule, Segments  # noqa: E402
-from tradojax.parallel.aot import tpu_devices  # noqa: E402
+from tradojax.aot import tpu_devices  # noqa: E402
 from tradojax.parallel.mesh import make_mesh  # noqa: E402
 from tradojax.parallel.sharding import param_sharding  # noqa: E402
 

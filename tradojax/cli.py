@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-hf": ("tradojax.models.commands:import_hf_main", "read a Hugging Face checkpoint directory"),
     "export-hf": ("tradojax.models.commands:export_hf_main", "write a model or run in Hugging Face form"),
     "data": ("tradojax.data.prepare:data_main", "data prepare NAME --from FILE --out FILE: a downloaded benchmark -> task JSON"),
-    "aot": ("tradojax.parallel.aot:main", "compile steps for a TPU topology on this host; print memory and FLOPs"),
+    "aot": ("tradojax.aot:main", "compile a config's rl/eval programs for its TPU slices on this host; print memory"),
 }
 
 USAGE = "usage: tradojax COMMAND [args]   (tradojax COMMAND --help for a command's options)\n\ncommands:\n"

@@ -327,6 +327,9 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    # the TPU slices this config is sized for (e.g. "v5p:2x2x1"): `tradojax aot --config C` compiles
+    # every program of the run on each of them with this mesh and reports whether it fits
+    slices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
