@@ -97,6 +97,21 @@ def test_any_max_active_gives_the_one_batch_answers(strategy):
             assert rollout.num_forwards == rollout.num_steps.sum()
 
 
+def test_compute_bound_batches_let_saves_wait(monkeypatch):
+    """Past `_FUSE_ALWAYS_TOKENS` tokens per forward the fused save runs only once half the resident
+    sequences have a block to save; the others wait (no step) and the answers do not change."""
+    sampling = dataclasses.replace(SAMPLING, remasking_strategy="low_confidence_dynamic", dynamic_threshold=0.3,
+                                   max_active=64)
+    always = BlockDiffusionSampler(MODEL, sampling).generate(PROMPTS, rng=6).to_numpy()
+    monkeypatch.setattr(bd, "_FUSE_ALWAYS_TOKENS", 0)
+    sampler = BlockDiffusionSampler(MODEL, sampling)
+    assert not sampler._plan(16, 5).fuse_always
+    waiting = sampler.generate(PROMPTS, rng=6).to_numpy()
+    assert_same_rollout(waiting, always)
+    # fewer fused forwards (here the longest row still bounds the total)
+    assert waiting.save_forwards < always.save_forwards and waiting.num_forwards >= always.num_forwards
+
+
 def test_continuous_batching_sharded_over_replicas():
     """Over 4 data-parallel replicas (8 devices: data 2 x fsdp 2, tensor 2) with 2 slots each, the
     rows (5 prompts padded to 8, so one replica holds only padding) match the unsharded one batch."""

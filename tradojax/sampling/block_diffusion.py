@@ -22,10 +22,13 @@ the decided block at positions [length, length + b) sees the cache and itself, s
 the save pass would write, and are written; the new block at [length + b, length + 2b) sees the
 cache, the decided block and itself, so its logits are those of a forward after the save (block-
 causal: the decided block never sees the new one). A sequence's last block is never saved. An
-iteration where no sequence has a block to save runs the plain b-token forward (`lax.cond`), so a
-block costs exactly its denoising steps; the price is that a fused iteration computes 2b tokens
-for every resident sequence (compute, not weight reads: free while decode is bandwidth-bound, up
-to 2x the FLOPs of those steps at large compute-bound batches).
+iteration where no sequence has a block to save runs the plain b-token forward (`lax.cond`), so at
+batch 1 a block costs exactly its denoising steps. A fused iteration computes 2b tokens for every
+resident sequence: free while decode is weight-bandwidth-bound (up to `_FUSE_ALWAYS_TOKENS` tokens
+per forward it is taken whenever a block waits to be saved), twice the FLOPs when compute-bound;
+there it is taken once at least half the resident sequences have a block to save, and the others'
+saves wait an iteration (they take no step meanwhile, so results are unchanged and the cost is at
+most the separate save pass's).
 
 **Continuous batching (spec 2.4's `max_active`).** At most `sampling.max_active` sequences are
 resident per data-parallel replica: the KV cache is [layers, replicas * max_active, slots, ...],
@@ -221,6 +224,9 @@ class Stage:
 
 
 _SLOT_AXIS = {"k": 1, "v": 1}
+# Tokens per decode forward (resident sequences x b) up to which the fused save is taken whenever
+# any sequence has a block to save (weight-bandwidth-bound: 2b tokens cost about what b do).
+_FUSE_ALWAYS_TOKENS = 256
 _REPLICATED = ("num_forwards", "save_forwards")
 
 
@@ -244,6 +250,7 @@ class _Plan:
     staged: int  # stage entries (prefilled prompts) per replica
     rows_per_replica: int
     refill_at: int  # the loop leaves for a refill once a replica has this many free slots (or all it needs)
+    fuse_always: bool  # take the fused save forward whenever a block waits to be saved (see `_iteration`)
     cache_layout: tuple[int, int, int]  # layers, kv_heads, head_dim
     cache_dtype: str
     batch_axes: tuple[str, ...]
@@ -537,10 +544,20 @@ def _iteration(model: Decoder, state: DecodeState, knobs: _Knobs, plan: _Plan) -
     k, v, canvas, length = state.k, state.v, state.canvas, state.length
     save_forwards = state.save_forwards
 
+    waiting = jnp.zeros_like(active)
     if plan.cached:
         # Free slots attend to an empty cache; their (ignored) writes land beyond their length.
         cache = KVCache(k, v, jnp.where(active, length, 0))
         saving = state.save & active
+        num_saving = jnp.sum(saving, dtype=jnp.int32)
+        # The fused forward costs 2b tokens for every resident sequence: taken whenever a block is
+        # to be saved while decode is bandwidth-bound (few tokens per forward), else once at least
+        # half the resident sequences have one (the others' saves wait an iteration: compute-bound
+        # forwards then cost at most what separate save passes would).
+        if plan.fuse_always:
+            fuse = num_saving > 0
+        else:
+            fuse = (num_saving > 0) & (2 * num_saving >= jnp.sum(active, dtype=jnp.int32))
 
         def fused(_):
             logits, written = model.decode_block_after_save(state.saved_tokens, saving, state.block_tokens, cache)
@@ -550,10 +567,11 @@ def _iteration(model: Decoder, state: DecodeState, knobs: _Knobs, plan: _Plan) -
             logits, _ = model.decode_block(state.block_tokens, cache, commit=False)
             return logits, k, v
 
-        any_saving = jnp.any(saving)
-        logits, k, v = jax.lax.cond(any_saving, fused, plain, None)
-        length = length + jnp.where(saving, b, 0)
-        save_forwards = save_forwards + any_saving.astype(jnp.int32)
+        logits, k, v = jax.lax.cond(fuse, fused, plain, None)
+        length = length + jnp.where(saving & fuse, b, 0)
+        save_forwards = save_forwards + fuse.astype(jnp.int32)
+        waiting = saving & ~fuse  # no step this iteration: their block is not saved yet
+        active = active & ~waiting
     else:
         logits = _block_logits_uncached(model, state, plan)
     logits = logits.at[..., plan.mask_id].set(-jnp.inf)
@@ -590,7 +608,7 @@ def _iteration(model: Decoder, state: DecodeState, knobs: _Knobs, plan: _Plan) -
     continues = complete & ~finished
 
     if plan.cached:  # the decided block's K/V go in with the next forward (fused)
-        save = continues
+        save = continues | waiting
         saved_tokens = jnp.where(continues[:, None], block_tokens, state.saved_tokens)
     else:  # the canvas takes the block at once
         save, saved_tokens = state.save, state.saved_tokens
@@ -610,7 +628,7 @@ def _iteration(model: Decoder, state: DecodeState, knobs: _Knobs, plan: _Plan) -
         block_logprob=jnp.where(fresh, 0.0, block_logprob),
         prompt_count=jnp.where(continues, 0, state.prompt_count),
         step_in_block=jnp.where(continues, 0, step_in_block),
-        global_step=global_step, active=active & ~finished, save=save, saved_tokens=saved_tokens,
+        global_step=global_step, active=(active | waiting) & ~finished, save=save, saved_tokens=saved_tokens,
         out_len=out_len, **rows,
         num_forwards=state.num_forwards + 1, save_forwards=save_forwards,
     )
@@ -878,7 +896,8 @@ class BlockDiffusionSampler:
             cached=self.cached, mask_id=c.mask_token_id, pad_id=c.pad_token_id,
             replicas=self.data_parallel, max_active=active,
             staged=min(-(-active // s.num_samples) + 1, per_replica), rows_per_replica=rows,
-            refill_at=max(1, active // 8), cache_layout=(c.num_layers, c.num_kv_heads, c.head_dim),
+            refill_at=max(1, active // 8), fuse_always=active * s.block_size <= _FUSE_ALWAYS_TOKENS,
+            cache_layout=(c.num_layers, c.num_kv_heads, c.head_dim),
             cache_dtype=c.compute_dtype, batch_axes=self.batch_axes, mesh=self.mesh if self.batch_axes else None)
 
     def _prompt_layout(self, num_real: int) -> int:
