@@ -80,6 +80,22 @@ def test_decode_kernel_matches_reference(backend, dim, groups, block, dtype):
 
 
 @pytest.mark.parametrize("backend", ["tpu", "triton"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_kernel_with_more_block_keys_than_queries(backend, dtype):
+    """The fused save's second half: b queries see the cache and 2b block keys (decided + own)."""
+    block, kv_heads, groups, dim, slots, lengths = 4, 2, 4, 64, 48, [0, 13, 32, 48]
+    q, k_cache, v_cache, lengths, _, _ = decode_inputs(21, len(lengths), block, groups * kv_heads, kv_heads, dim,
+                                                       slots, lengths, dtype)
+    rng = np.random.default_rng(22)
+    k_block, v_block = (jnp.asarray(rng.standard_normal((len(lengths), 2 * block, kv_heads, dim)), jnp.float32)
+                        .astype(dtype) for _ in range(2))
+    run = jax.jit(lambda *a: decode.decode_attention(*a, backend=backend, interpret=True, block_k=16))
+    out = run(q, k_cache, v_cache, lengths, k_block, v_block)
+    assert out.shape == q.shape and bool(jnp.isfinite(out.astype(jnp.float32)).all())
+    assert relative_error(out, reference(q, k_cache, v_cache, lengths, k_block, v_block)) < REL_BOUND[dtype]
+
+
+@pytest.mark.parametrize("backend", ["tpu", "triton"])
 def test_decode_with_a_tile_that_does_not_divide_the_cache(backend):
     """70 slots in tiles of 16: the last tile reads 10 slots past the cache (interpret mode pads
     them with NaN); lengths up to the full cache."""
@@ -120,6 +136,8 @@ def test_dispatch_on_cpu_interprets_the_tpu_kernel_and_rejects_bad_shapes():
         decode.decode_attention(q, k_cache, v_cache, lengths[:1], k_block, v_block, interpret=True)
     with pytest.raises(ValueError, match="k_block"):
         decode.decode_attention(q, k_cache, v_cache, lengths, k_block[:, :2], v_block, interpret=True)
+    with pytest.raises(ValueError, match="k_block"):
+        decode.decode_attention(q, k_cache, v_cache, lengths, k_block[..., :8], v_block[..., :8], interpret=True)
     with pytest.raises(ValueError, match="multiple of kv heads"):
         decode.decode_attention(q[:, :, :3], k_cache, v_cache, lengths, k_block, v_block, interpret=True)
     with pytest.raises(ValueError, match="backend"):
@@ -128,7 +146,7 @@ def test_dispatch_on_cpu_interprets_the_tpu_kernel_and_rejects_bad_shapes():
 
 
 def test_model_cached_decode_with_pallas_equals_reference():
-    """Prefill + decode_block (commit and not) of the tiny model: impl="pallas" == "reference"."""
+    """Prefill, decode_block (commit and not) and the fused save of the tiny model: impl="pallas" == "reference"."""
     config = ModelConfig(attention_impl="reference")
     graphdef, params = nnx.split(transformer.init_model(config, seed=0))
     pallas_graphdef, _ = nnx.split(transformer.init_model(dataclasses.replace(config, attention_impl="pallas"), seed=0))
@@ -142,9 +160,12 @@ def test_model_cached_decode_with_pallas_equals_reference():
         cache = model.prefill(prompt, lengths, transformer.KVCache.zeros(config, 3, 32), block_size=4)
         first, cache = model.decode_block(blocks[0], cache, commit=True)
         second, _ = model.decode_block(blocks[1], cache, commit=False)
-        return first, second, cache.k
+        # the fused save: rows 0 and 2 save blocks[1] and denoise blocks[0]; row 1 saves nothing
+        fused, fused_cache = model.decode_block_after_save(blocks[1], jnp.array([True, False, True]), blocks[0], cache)
+        return first, second, cache.k, fused, fused_cache.k, fused_cache.length
 
     ours = jax.jit(rollout, static_argnums=0)(pallas_graphdef, params)
     ref = jax.jit(rollout, static_argnums=0)(graphdef, params)
-    for a, b in zip(ours, ref):
+    np.testing.assert_array_equal(np.asarray(ours[-1]), np.asarray(ref[-1]))
+    for a, b in zip(ours[:-1], ref[:-1]):
         assert relative_error(a, b) < 1e-5

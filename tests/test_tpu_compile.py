@@ -4,7 +4,7 @@ TPU: with `libtpu` installed, `jax.experimental.topologies` gives the devices of
 CPU host, and `jit(...).lower(...).compile()` runs XLA:TPU and Mosaic on the kernels. A tiny model
 (head_dim 128, bfloat16, attention_impl="pallas") compiles a training step (forward + gradient:
 the flash forward, dq and dk/dv kernels) and a rollout step (prefill: the flash forward; one
-decode block: the decode kernel) for v5e:2x2 and v5p:2x2x1 on a (data=2, tensor=2) mesh, so the
+decode block and one fused save: the decode kernel) for v5e:2x2 and v5p:2x2x1 on a (data=2, tensor=2) mesh, so the
 kernels also run under shard_map.
 
 GPU: no CUDA device here, so the Triton kernels are lowered for the "cuda" platform (jax lowers
@@ -52,7 +52,10 @@ def rollout_step(graphdef):
         model = nnx.merge(graphdef, params)
         cache = model.prefill(prompt, lengths, cache, BLOCK)
         logits, cache = model.decode_block(block_tokens, cache, commit=True)
-        return logits, cache
+        # the fused save (the sampler's decode iteration): b queries against 2b block keys
+        save = jnp.arange(block_tokens.shape[0]) % 2 == 0
+        fused, cache = model.decode_block_after_save(block_tokens, save, block_tokens, cache)
+        return logits, fused, cache
 
     return step
 
@@ -110,4 +113,5 @@ def test_model_steps_lower_to_triton_for_cuda():
     rollout = jax.jit(rollout_step(graphdef)).trace(
         params, tokens, sds((BATCH,), jnp.int32), cache, sds((BATCH, BLOCK), jnp.int32),
     ).lower(lowering_platforms=("cuda",))
-    assert rollout.as_text().count("__gpu$xla.gpu.triton") == 2  # prefill forward, decode
+    # prefill forward, decode, and the fused save's two halves
+    assert rollout.as_text().count("__gpu$xla.gpu.triton") == 4

@@ -210,10 +210,12 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
                      k_block: jax.Array, v_block: jax.Array, *, backend: str = "tpu",
                      interpret: bool = False, block_k: int | None = None,
                      scale: float | None = None) -> jax.Array:
-    """Block queries q [B, b, H, D] against cache slots [0, lengths) and the block's own keys.
+    """Block queries q [B, b, H, D] against cache slots [0, lengths) and every block key.
 
-    k_cache, v_cache: [B, S, Hkv, D]; lengths: [B] int32 (<= S); k_block, v_block: [B, b, Hkv, D].
-    Returns [B, b, H, D] in q's dtype (cache values are cast to q's dtype inside the kernel).
+    k_cache, v_cache: [B, S, Hkv, D]; lengths: [B] int32 (<= S); k_block, v_block: [B, n, Hkv, D],
+    all visible to every query (n = b for a plain decode step; n = 2b for the fused save, where the
+    current block also sees the decided block). Returns [B, b, H, D] in q's dtype (cache values are
+    cast to q's dtype inside the kernel).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -223,8 +225,9 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     kv_heads = k_cache.shape[2]
     if heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
-    if k_block.shape != (batch, block, kv_heads, dim) or v_block.shape != k_block.shape:
-        raise ValueError(f"k_block {k_block.shape} / v_block {v_block.shape} must be {(batch, block, kv_heads, dim)}")
+    if (k_block.ndim != 4 or k_block.shape[0] != batch or k_block.shape[2:] != (kv_heads, dim)
+            or v_block.shape != k_block.shape):
+        raise ValueError(f"k_block {k_block.shape} / v_block {v_block.shape} must be [B={batch}, n, Hkv={kv_heads}, D={dim}]")
     if lengths.shape != (batch,):
         raise ValueError(f"lengths shape {lengths.shape} must be [B] = {(batch,)}")
     groups = heads // kv_heads
