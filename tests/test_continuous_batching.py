@@ -62,6 +62,9 @@ def test_programs_are_the_ones_generate_runs(monkeypatch, sharded):
                 assert lowered.as_text() == getattr(bd, f"_{name}_jit").fn.lower(*call_args, **call_kwargs).as_text(), name
         compiled = {name: fn.lower(*args, **kwargs).compile() for name, (fn, args, kwargs) in programs.items()}
         assert all(c.memory_analysis() is not None for c in compiled.values())
+        if sharded:  # the KV cache: slots over the data axes, kv_heads over tensor
+            state = programs["decode"][1][2]
+            assert tuple(state.k.sharding.spec) == (None, ("data", "fsdp"), None, "tensor", None), state.k.sharding.spec
 
 
 # ----------------------------------------------------------------------------------------------

@@ -274,20 +274,29 @@ class _Knobs:
     stop_ids: jax.Array  # [K] int32: EOS, the stop tokens, then -1 up to a multiple of 8 (fewer shapes)
 
 
-def _constrain(x: jax.Array | None, plan: _Plan, batch_axis: int = 0):
-    if x is None or plan.mesh is None or not plan.batch_axes:
-        return x
-    spec = [None] * x.ndim
-    spec[batch_axis] = plan.batch_axes
-    return jax.lax.with_sharding_constraint(x, NamedSharding(plan.mesh, PartitionSpec(*spec)))
+def _leaf_spec(name: str, ndim: int, plan: _Plan) -> PartitionSpec:
+    """A state or stage field's layout: per-slot / per-row / per-entry axes split over the data
+    axes, the K/V caches' kv_heads over `tensor` (as the rollout's attention weights are, so no
+    chip holds heads it does not compute), counters replicated."""
+    spec = [None] * ndim
+    if name in _REPLICATED or plan.mesh is None:
+        return PartitionSpec(*spec)
+    spec[_SLOT_AXIS.get(name, 0)] = plan.batch_axes or None
+    tensor = plan.mesh.shape.get("tensor", 1)
+    if name in _SLOT_AXIS and tensor > 1 and plan.cache_layout[1] % tensor == 0:
+        spec[3] = "tensor"  # [layers, slots, length, kv_heads, head_dim]
+    return PartitionSpec(*spec)
 
 
 def _constrain_tree(tree, plan: _Plan):
-    """Every per-slot / per-row / per-entry field split over the data axes; counters replicated."""
+    """Every field laid out by `_leaf_spec`."""
+    if plan.mesh is None:
+        return tree
     fields = {}
     for f in dataclasses.fields(tree):
         value = getattr(tree, f.name)
-        fields[f.name] = value if f.name in _REPLICATED else _constrain(value, plan, _SLOT_AXIS.get(f.name, 0))
+        fields[f.name] = value if value is None or f.name in _REPLICATED else jax.lax.with_sharding_constraint(
+            value, NamedSharding(plan.mesh, _leaf_spec(f.name, value.ndim, plan)))
     return type(tree)(**fields)
 
 
@@ -898,7 +907,7 @@ class BlockDiffusionSampler:
             staged=min(-(-active // s.num_samples) + 1, per_replica), rows_per_replica=rows,
             refill_at=max(1, active // 8), fuse_always=active * s.block_size <= _FUSE_ALWAYS_TOKENS,
             cache_layout=(c.num_layers, c.num_kv_heads, c.head_dim),
-            cache_dtype=c.compute_dtype, batch_axes=self.batch_axes, mesh=self.mesh if self.batch_axes else None)
+            cache_dtype=c.compute_dtype, batch_axes=self.batch_axes, mesh=self.mesh)
 
     def _prompt_layout(self, num_real: int) -> int:
         """Prompts after padding to a multiple of the data-parallel size."""
@@ -945,10 +954,7 @@ class BlockDiffusionSampler:
                 continue
             sharding = None
             if self.mesh is not None:
-                spec = [None] * leaf.ndim
-                if f.name not in _REPLICATED and plan.mesh is not None:
-                    spec[_SLOT_AXIS.get(f.name, 0)] = plan.batch_axes
-                sharding = NamedSharding(self.mesh, PartitionSpec(*spec))
+                sharding = NamedSharding(self.mesh, _leaf_spec(f.name, leaf.ndim, plan))
             fields[f.name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
         return type(tree)(**fields)
 
