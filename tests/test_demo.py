@@ -28,3 +28,22 @@ def test_demo_writes_every_artefact(tmp_path, capsys):
     hf_config = json.loads((out / "hf" / "config.json").read_text())
     assert hf_config["model_type"] == "sdar" and hf_config["block_size"] == 4
     assert list((out / "hf").glob("*.safetensors")) and (out / "hf" / "tokenizer.json").exists()
+    # summary.json carries the printed table's figures, rounded as printed
+    table = json.loads((out / "summary.json").read_text())
+    assert table["accuracy"] == [round(summary["accuracy_after_sft"], 3), round(summary["accuracy_after_rl"], 3)]
+    assert table["held_out_accuracy_at_rl_step"] == {"1": round(final_eval[0], 3)}
+    assert len(table["rollout_reward"]) == 1
+
+
+def test_readme_demo_table_is_the_recorded_run():
+    """The quick-start table quotes benchmarks/results/demo.json (a recorded `tradojax demo`), figure for figure."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import demo_figures
+
+    recorded = json.loads(demo_figures.RECORDED.read_text())
+    readme = demo_figures.readme_table()
+    assert demo_figures.differences(readme, recorded) == [], (readme, recorded)
+    assert recorded["command"] == "tradojax demo" and len(recorded["rollout_reward"]) == recorded["rl_steps"]

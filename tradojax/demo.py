@@ -108,6 +108,8 @@ def run_demo(config: Config, out: Path, *, log=print) -> dict:
     (out / "metrics.json").write_text(json.dumps(
         {"summary": summary, "sft": sft_history, "rl": rl_history,
          "eval_after_sft": before.summary(), "eval_after_rl": after.summary()}, indent=2))
+    table = demo_table(summary, rl_history)
+    (out / "summary.json").write_text(json.dumps(table, indent=2) + "\n")
     log("")
     log(f"{'':<22}{'after SFT':>12}{'after TraceRL':>15}")
     log(f"{'held-out accuracy':<22}{before.accuracy:>12.3f}{after.accuracy:>15.3f}")
@@ -116,6 +118,23 @@ def run_demo(config: Config, out: Path, *, log=print) -> dict:
     log("")
     log(f"done in {summary['seconds'] / 60:.1f} min: " + ", ".join(str(p) for p in [out / "metrics.json", *artefacts]))
     return summary
+
+
+def demo_table(summary: dict, rl_history: list[dict]) -> dict:
+    """The figures the README quotes from a demo run, rounded as printed: `summary.json` of a run and
+    `benchmarks/results/demo.json` (the recorded run) share this form, so `python
+    benchmarks/demo_figures.py` can compare a fresh run with the README."""
+    evals = {str(m["step"]): round(v, 3) for m in rl_history for k, v in m.items()
+             if k.startswith("eval/") and k.endswith("/accuracy")}
+    return {
+        "accuracy": [round(summary["accuracy_after_sft"], 3), round(summary["accuracy_after_rl"], 3)],
+        "pass_at_k": [round(summary["pass_at_k_after_sft"], 3), round(summary["pass_at_k_after_rl"], 3)],
+        "mean_length": [round(summary["mean_length_after_sft"], 1), round(summary["mean_length_after_rl"], 1)],
+        "held_out_accuracy_at_rl_step": evals,
+        "rollout_reward": [round(m["reward"], 3) for m in rl_history],
+        "samples_per_task": summary["samples_per_task"], "held_out_tasks": summary["held_out_tasks"],
+        "sft_steps": summary["sft_steps"], "rl_steps": summary["rl_steps"],
+    }
 
 
 def _write_artefacts(out, config, tokenizer, model, held_out, sft_history, rl_history, before, after):
