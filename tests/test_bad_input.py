@@ -137,6 +137,8 @@ CASES = {
                                 ["cfg_raises.py: get_config() raised RuntimeError: boom in get_config"]),
     "demo: get_config() raises": (["demo", "--config={d}/cfg_raises.py", "--out={d}/demo"], ["cfg_raises.py: get_config() raised"]),
     "aot: get_config() raises": (["aot", "--config={d}/cfg_raises.py", "--topology=v5e:2x2"], ["cfg_raises.py: get_config() raised"]),
+    "aot: unknown TPU generation": (["aot", TINY, "--topology=v9:2x2"], ["--topology 'v9:2x2'", "unknown TPU generation"]),
+    "aot: malformed slice shape": (["aot", TINY, "--topology=v5e:2by2"], ["--topology 'v5e:2by2'", "AxB"]),
     "rl: sys.exit() on import": (["rl", "--config={d}/cfg_exit_on_import.py"], ["cfg_exit_on_import.py failed to import: SystemExit"]),
     "sft: sys.exit() in get_config": (["sft", "--config={d}/cfg_exit_in_get.py", "--synthetic=4"],
                                       ["cfg_exit_in_get.py: get_config() raised SystemExit"]),

@@ -380,7 +380,13 @@ def main(argv: list[str]) -> int:
     only = tuple(p for p in args.programs.split(",") if p)
     report: list[dict[str, Any]] = []
     status = 0
-    for topology in slices_of(config, args.topology):
+    topologies = slices_of(config, args.topology)
+    for topology in topologies:  # a malformed or unknown slice is the user's error: say so before compiling
+        try:
+            tpu_devices(topology)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    for topology in topologies:
         generation = topology.split(":")[0]
         mesh, run, results = compile_for_slice(config, topology, command, only=only,
                                                log=lambda line: print(line, file=sys.stderr, flush=True))
