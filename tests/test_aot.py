@@ -145,9 +145,13 @@ def test_eval_programs_count_the_loaded_weights_only_when_the_sampler_copies_the
 def test_aot_rejects_bad_topologies_and_configs_without_a_slice(capsys):
     tiny = f"--config={CONFIGS / 'tiny.py'}"
     with pytest.raises(ValueError, match="unknown TPU generation 'v9'"):
-        cli.main(["aot", tiny, "--topology", "v9:2x2"])
-    with pytest.raises(ValueError, match="expected GENERATION:AxB"):
-        cli.main(["aot", tiny, "--topology", "v5p:big"])
+        aot.tpu_devices("v9:2x2")
+    capsys.readouterr()
+    # through the command: user errors (exit 2, the slice named), before any compile
+    assert cli.main(["aot", tiny, "--topology", "v9:2x2"]) == 2
+    assert "unknown TPU generation 'v9'" in capsys.readouterr().err
+    assert cli.main(["aot", tiny, "--topology", "v5p:big"]) == 2
+    assert "expected GENERATION:AxB" in capsys.readouterr().err
     assert cli.main(["aot", tiny]) == 2  # no mesh.slices and no --topology: a user error
     assert "mesh.slices: the config names no TPU slice; pass --topology" in capsys.readouterr().err
     assert aot.default_command(str(CONFIGS / "trado_4b.py")) == "eval"
