@@ -776,6 +776,19 @@ def cache_slots(bucket: int, block_size: int, max_new_tokens: int) -> int:
     return (bucket // block_size) * block_size + blocks * block_size
 
 
+def _global_array(x: Any, sharding: NamedSharding) -> jax.Array:
+    """A value every process holds in full, as one array laid out by `sharding`: `device_put` on one
+    process; across processes each fills only its own devices' shards (a mesh spanning hosts has
+    devices `device_put` cannot address)."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = _global_array(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def rollout_params(params: nnx.State, config: ModelConfig) -> nnx.State:
     """The weights the sampler streams: with f32 master weights and a narrower compute dtype, the
     embedding, LM head and layer weights in the compute dtype. The model casts exactly these at use,
@@ -1011,16 +1024,17 @@ class BlockDiffusionSampler:
 
     def place_rows(self, x: np.ndarray) -> jax.Array:
         """A per-row host array on the device(s): axis 0 split over the mesh's data axes."""
-        if not self.batch_axes:
-            return jnp.asarray(x) if self.mesh is None else jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
-        spec = PartitionSpec(self.batch_axes, *([None] * (x.ndim - 1)))
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
+        if self.mesh is None:
+            return jnp.asarray(x)
+        spec = PartitionSpec(self.batch_axes or None, *([None] * (np.ndim(x) - 1)))
+        return _global_array(x, NamedSharding(self.mesh, spec))
 
     def _replicate(self, tree: Any) -> Any:
         """Small inputs (key, knobs, limits) committed replicated over the mesh, as `programs` says."""
         if self.mesh is None:
             return tree
-        return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.tree.map(lambda x: _global_array(x, replicated), tree)
 
     def generate(
         self,
