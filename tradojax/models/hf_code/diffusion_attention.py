@@ -25,4 +25,25 @@ def additive_mask(attention_mask, batch, query_length, key_length, dtype, device
     return bias.masked_fill(~visible.to(device), torch.finfo(dtype).min)
 
 
-__all__ = ["additive_mask"]
+class DiffusionDecoderMixin:
+    """Put first in the bases of a `transformers` decoder model (Qwen2Model, Qwen3Model): its layers
+    build no causal mask, and `forward` hands them the caller's mask made additive (`additive_mask`),
+    the key length counting what a cache already holds."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        for layer in self.layers:
+            layer.self_attn.is_causal = False  # diffusion: the mask alone decides
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
+        reference = input_ids if input_ids is not None else inputs_embeds
+        batch, length = reference.shape[:2]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = additive_mask(attention_mask, batch, length, past + length, self.embed_tokens.weight.dtype,
+                             reference.device)
+        return super().forward(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                               inputs_embeds=inputs_embeds, **kwargs)
+
+
+__all__ = ["DiffusionDecoderMixin", "additive_mask"]

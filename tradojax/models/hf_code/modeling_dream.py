@@ -13,26 +13,11 @@ from transformers import Qwen2ForCausalLM, Qwen2Model
 from transformers.models.qwen2.modeling_qwen2 import Qwen2PreTrainedModel
 
 from .configuration_dream import DreamConfig
-from .diffusion_attention import additive_mask
+from .diffusion_attention import DiffusionDecoderMixin
 
 
-class DreamBaseModel(Qwen2Model):
+class DreamBaseModel(DiffusionDecoderMixin, Qwen2Model):
     config_class = DreamConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        for layer in self.layers:
-            layer.self_attn.is_causal = False  # diffusion: the mask alone decides
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
-        reference = input_ids if input_ids is not None else inputs_embeds
-        batch, length = reference.shape[:2]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = cache.get_seq_length() if cache is not None else 0
-        mask = additive_mask(attention_mask, batch, length, past + length, self.embed_tokens.weight.dtype,
-                             reference.device)
-        return super().forward(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                               inputs_embeds=inputs_embeds, **kwargs)
 
 
 class DreamModel(Qwen2ForCausalLM):

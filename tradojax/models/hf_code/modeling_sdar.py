@@ -13,26 +13,11 @@ from transformers import Qwen3ForCausalLM, Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3PreTrainedModel
 
 from .configuration_sdar import SDARConfig
-from .diffusion_attention import additive_mask
+from .diffusion_attention import DiffusionDecoderMixin
 
 
-class SDARModel(Qwen3Model):
+class SDARModel(DiffusionDecoderMixin, Qwen3Model):
     config_class = SDARConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        for layer in self.layers:
-            layer.self_attn.is_causal = False  # block diffusion: the mask alone decides
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
-        reference = input_ids if input_ids is not None else inputs_embeds
-        batch, length = reference.shape[:2]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = cache.get_seq_length() if cache is not None else 0
-        mask = additive_mask(attention_mask, batch, length, past + length, self.embed_tokens.weight.dtype,
-                             reference.device)
-        return super().forward(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                               inputs_embeds=inputs_embeds, **kwargs)
 
 
 class SDARForCausalLM(Qwen3ForCausalLM):
