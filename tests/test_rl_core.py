@@ -8,7 +8,7 @@ from tradojax.ops.masks import BlockAlignment
 from tradojax.rl.advantages import (difficulty_filter, group_zscore, outcome_token_rewards, trace_gae,
                                     truncation_penalty)
 from tradojax.rl.losses import kl_estimate, policy_loss, value_loss
-from tradojax.rl.traces import shrink_steps, trace_rounds
+from tradojax.training.traces import shrink_steps, trace_rounds
 
 TRACE = np.array([2, 1, 1, 3, 5, 4])  # 6 generated tokens; b = 4, prompt of 4 (blocks agree)
 

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from tradojax.ops.masks import BlockAlignment
-from tradojax.rl.traces import shrink_steps, trace_rounds
+from tradojax.training.traces import shrink_steps, trace_rounds
 from tradojax.training.rows import pad_row_inputs, trainable_pads
 
 Masks = list[tuple[np.ndarray, np.ndarray]]

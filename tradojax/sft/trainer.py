@@ -40,7 +40,7 @@ from tradojax.metrics import MetricWriter
 from tradojax.models.transformer import Decoder
 from tradojax.ops.masks import BlockAlignment
 from tradojax.parallel.sharding import place_state, shard_batch, shard_params
-from tradojax.rl.traces import trace_rounds
+from tradojax.training.traces import trace_rounds
 from tradojax.sft.batches import BatchPlan, PlannedBatch, assign_buckets
 from tradojax.sft.config import SFTConfig
 from tradojax.sft.losses import full_sft_loss
