@@ -10,7 +10,6 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch  # the `test` extra installs the CPU wheel; deselect with -m "not torch"
 import transformers
 from flax import nnx
 
@@ -19,6 +18,9 @@ from tradojax.models import hf
 from tradojax.models.transformer import apply
 from tradojax.ops import masks
 from tradojax.parallel.mesh import make_mesh
+
+# the `test` extra installs the CPU wheel; without torch the module is skipped (or: -m "not torch")
+torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.torch
 
