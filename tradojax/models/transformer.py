@@ -31,30 +31,11 @@ from flax import nnx
 
 from tradojax.config import ModelConfig
 from tradojax.ops import attention as attention_ops
-from tradojax.ops.masks import MaskRule, Segments
+from tradojax.ops.masks import MaskRule, Segments, inference_segments
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-# Logical axes of every parameter (parallel/ maps them onto mesh axes per role).
-PARAM_LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
-    "embed_tokens": ("vocab", "embed"),
-    "lm_head": ("embed", "vocab"),
-    "norm": ("norm",),
-    "layers.input_layernorm": ("layers", "norm"),
-    "layers.post_attention_layernorm": ("layers", "norm"),
-    "layers.q_proj": ("layers", "embed", "heads", "head_dim"),
-    "layers.k_proj": ("layers", "embed", "kv_heads", "head_dim"),
-    "layers.v_proj": ("layers", "embed", "kv_heads", "head_dim"),
-    "layers.q_bias": ("layers", "heads", "head_dim"),
-    "layers.k_bias": ("layers", "kv_heads", "head_dim"),
-    "layers.v_bias": ("layers", "kv_heads", "head_dim"),
-    "layers.o_proj": ("layers", "heads", "head_dim", "embed"),
-    "layers.q_norm": ("layers", "head_dim"),
-    "layers.k_norm": ("layers", "head_dim"),
-    "layers.gate_proj": ("layers", "embed", "mlp"),
-    "layers.up_proj": ("layers", "embed", "mlp"),
-    "layers.down_proj": ("layers", "mlp", "embed"),
-}
+# The parameters' logical axes (mapped onto mesh axes per role): parallel/axes.PARAM_LOGICAL_AXES.
 
 
 @jax.tree_util.register_dataclass
@@ -149,7 +130,7 @@ class Decoder(nnx.Module):
 
     # ------------------------------------------------------------------ pieces
 
-    def _layer_params(self) -> dict[str, jax.Array | tuple[jax.Array, ...]]:
+    def layer_params(self) -> dict[str, jax.Array | tuple[jax.Array, ...]]:
         """Every layer weight in the compute dtype: stacked arrays, or tuples of per-layer arrays
         (`per_layer_view`)."""
         compute = DTYPES[self.config.compute_dtype]
@@ -173,7 +154,7 @@ class Decoder(nnx.Module):
         head = self.embed_tokens[...].T if c.tie_word_embeddings else self.lm_head[...]
         return jnp.einsum("btd,dv->btv", hidden, head.astype(compute), preferred_element_type=jnp.float32)
 
-    def _qkv(self, p: dict, x: jax.Array, positions: jax.Array):
+    def qkv(self, p: dict, x: jax.Array, positions: jax.Array):
         c = self.config
         h = rms_norm(x, p["input_layernorm"], c.rms_norm_eps)
         q = jnp.einsum("btd,dhk->bthk", h, p["q_proj"])
@@ -186,14 +167,14 @@ class Decoder(nnx.Module):
             k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
         return rotary(q, positions, c.rope_theta), rotary(k, positions, c.rope_theta), v
 
-    def _finish_layer(self, p: dict, x: jax.Array, attn: jax.Array) -> jax.Array:
+    def finish_layer(self, p: dict, x: jax.Array, attn: jax.Array) -> jax.Array:
         c = self.config
         x = x + jnp.einsum("bthk,hkd->btd", attn, p["o_proj"])
         h = rms_norm(x, p["post_attention_layernorm"], c.rms_norm_eps)
         gated = jax.nn.silu(jnp.einsum("btd,df->btf", h, p["gate_proj"])) * jnp.einsum("btd,df->btf", h, p["up_proj"])
         return x + jnp.einsum("btf,fd->btd", gated, p["down_proj"])
 
-    def _layer_loop(self, body, x: jax.Array, layer_params: dict, *per_layer: Any):
+    def layer_loop(self, body, x: jax.Array, layer_params: dict, *per_layer: Any):
         """x, ys = body(x, (params of layer i, per_layer[..][i])) for every layer, ys stacked on axis 0.
 
         Stacked weights run as a `lax.scan`; per-layer weights (`per_layer_view`) as an unrolled
@@ -223,11 +204,11 @@ class Decoder(nnx.Module):
 
         def body(x, layer):
             (p,) = layer
-            q, k, v = self._qkv(p, x, positions)
+            q, k, v = self.qkv(p, x, positions)
             attn = attention_ops.segment_attention(q, k, v, rule, segments, impl=impl)
-            return self._finish_layer(p, x, attn), ((k, v) if return_kv else None)
+            return self.finish_layer(p, x, attn), ((k, v) if return_kv else None)
 
-        x, kv = self._layer_loop(body, self.embed(tokens), self._layer_params())
+        x, kv = self.layer_loop(body, self.embed(tokens), self.layer_params())
         return (x, kv) if return_kv else x
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segments: Segments,
@@ -242,8 +223,6 @@ class Decoder(nnx.Module):
         block-causal rule with blocks of `block_size` from position 0. Returns the cache with
         `length = lengths`; no logits are computed (the prefill's logits are never used).
         """
-        from tradojax.ops.masks import inference_segments
-
         batch, length = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         valid = positions < lengths[:, None]
@@ -270,12 +249,12 @@ class Decoder(nnx.Module):
 
         def body(x, layer):
             p, k_cache, v_cache = layer
-            q, k, v = self._qkv(p, x, positions)
+            q, k, v = self.qkv(p, x, positions)
             attn = attention_ops.cached_block_attention(
                 q, k_cache, v_cache, cache.length, k, v, impl=c.attention_impl)
-            return self._finish_layer(p, x, attn), ((k, v) if commit else None)
+            return self.finish_layer(p, x, attn), ((k, v) if commit else None)
 
-        hidden, new_kv = self._layer_loop(body, self.embed(block_tokens), self._layer_params(), cache.k, cache.v)
+        hidden, new_kv = self.layer_loop(body, self.embed(block_tokens), self.layer_params(), cache.k, cache.v)
         out_logits = self.hidden_to_logits(hidden) if logits else None
         if not commit:
             return out_logits, cache
@@ -311,16 +290,16 @@ class Decoder(nnx.Module):
 
         def body(x, layer):
             p, k_cache, v_cache = layer
-            q, k, v = self._qkv(p, x, positions)
+            q, k, v = self.qkv(p, x, positions)
             first_attn = attention_ops.cached_block_attention(
                 q[:, :block], k_cache, v_cache, cache.length, k[:, :block], v[:, :block], impl=c.attention_impl)
             second_attn = attention_ops.cached_block_attention(
                 q[:, block:], k_cache, v_cache, cache.length, k, v, impl=c.attention_impl)
             attn = jnp.concatenate([first_attn, second_attn], axis=1)
-            return self._finish_layer(p, x, attn), (k[:, :block], v[:, :block])
+            return self.finish_layer(p, x, attn), (k[:, :block], v[:, :block])
 
         tokens = jnp.concatenate([first, block_tokens], axis=1)
-        hidden, (k_first, v_first) = self._layer_loop(body, self.embed(tokens), self._layer_params(), cache.k, cache.v)
+        hidden, (k_first, v_first) = self.layer_loop(body, self.embed(tokens), self.layer_params(), cache.k, cache.v)
         hidden = jnp.where(save[:, None, None], hidden[:, block:], hidden[:, :block])
         write_batch = jax.vmap(lambda rows, new, start: jax.lax.dynamic_update_slice_in_dim(rows, new, start, axis=1),
                                in_axes=(1, 1, 0), out_axes=1)

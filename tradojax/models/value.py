@@ -11,11 +11,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tradojax.config import ModelConfig
-from tradojax.models.transformer import DTYPES, PARAM_LOGICAL_AXES, Decoder, rms_norm
+from tradojax.models.transformer import DTYPES, Decoder, rms_norm
 from tradojax.ops.masks import MaskRule
 
-# the backbone is laid out like the policy; the [hidden] head like a norm scale (replicated)
-VALUE_LOGICAL_AXES = {"value_head": ("norm",), **{f"backbone.{name}": axes for name, axes in PARAM_LOGICAL_AXES.items()}}
+# the parameters' logical axes: parallel/axes.VALUE_LOGICAL_AXES
 
 
 class ValueModel(nnx.Module):

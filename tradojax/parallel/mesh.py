@@ -1,10 +1,7 @@
-"""Device mesh and logical-axis sharding rules.
+"""The device mesh, and logical axes -> PartitionSpecs through a role's rules (`parallel/axes.py`).
 
-The mesh has three axes: `data` (pure data parallelism), `fsdp` (data parallelism with parameters
-and optimizer state sharded) and `tensor` (Megatron-style: heads and MLP columns). Parameters name
-their logical axes (`models/transformer.PARAM_LOGICAL_AXES`); a rule table per role maps each
-logical axis onto mesh axes. A mesh axis is used at most once per array, and a dimension that
-the mesh axes do not divide stays replicated (e.g. 8 KV heads on a tensor axis of 16).
+A mesh axis is used at most once per array, and a dimension that the mesh axes do not divide
+stays replicated (e.g. 8 KV heads on a tensor axis of 16).
 """
 
 from __future__ import annotations
@@ -17,29 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tradojax.config import ConfigError, MeshConfig
-
-AXES = ("data", "fsdp", "tensor")
-
-# logical axis -> mesh axes, per role. Training shards parameters over fsdp (ZeRO-3 style) and
-# tensor; rollout keeps parameters whole across data/fsdp (they are read every step) and splits
-# them over tensor only.
-_TRAIN_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
-    "vocab": ("tensor",),
-    "embed": ("fsdp",),
-    "heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "mlp": ("tensor",),
-    "layers": (),
-    "head_dim": (),
-    "norm": (),
-    "length": (),
-}
-RULES: dict[str, dict[str, tuple[str, ...]]] = {
-    "train": _TRAIN_RULES,
-    "rollout": {**_TRAIN_RULES, "embed": ()},
-}
-
+from tradojax.parallel.axes import AXES, RULES
 
 def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all); -1 takes what is left."""

@@ -7,10 +7,10 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from tradojax.models.transformer import PARAM_LOGICAL_AXES
-from tradojax.models.value import VALUE_LOGICAL_AXES
+from tradojax.parallel.axes import PARAM_LOGICAL_AXES, VALUE_LOGICAL_AXES
 from tradojax.parallel.mesh import batch_sharding, named_sharding
 
 
@@ -76,7 +76,5 @@ def shard_batch(tree: Any, mesh: Mesh, role: str = "train") -> Any:
 def to_host(x: Any) -> np.ndarray:
     """A device array as a full numpy array on every process (gathered across hosts if needed)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)

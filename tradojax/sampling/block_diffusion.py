@@ -106,6 +106,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tradojax.config import ConfigError, ModelConfig, SamplingConfig
 from tradojax.models.transformer import DTYPES, Decoder, KVCache
 from tradojax.ops.masks import MaskRule, inference_segments
+from tradojax.parallel.axes import BATCH_AXES
+from tradojax.parallel.sharding import param_sharding, shard_params, to_host
 from tradojax.sampling import strategies
 
 DENOISING, SAVING, DONE = 0, 1, 2
@@ -143,8 +145,6 @@ class Rollout:
 
     def to_numpy(self) -> Rollout:
         """The same rollout with every array as a numpy array (the whole batch, on every host)."""
-        from tradojax.parallel.sharding import to_host
-
         return dataclasses.replace(
             self, **{f.name: to_host(getattr(self, f.name)) for f in dataclasses.fields(self)
                      if f.name not in ("num_forwards", "prefill_forwards", "save_forwards")})
@@ -888,7 +888,7 @@ class BlockDiffusionSampler:
         self.batch_axes: tuple[str, ...] = ()
         self.data_parallel = 1
         if mesh is not None:
-            self.batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
+            self.batch_axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
             self.data_parallel = math.prod(mesh.shape[a] for a in self.batch_axes)
 
     @functools.cached_property
@@ -901,8 +901,6 @@ class BlockDiffusionSampler:
         params = rollout_params(params, self.model_config)
         if self.mesh is None:
             return params
-        from tradojax.parallel.sharding import shard_params
-
         return shard_params(params, self.mesh, role="rollout")
 
     def _plan(self, bucket: int, num_prompts: int) -> _Plan:
@@ -933,8 +931,6 @@ class BlockDiffusionSampler:
         abstract = jax.eval_shape(lambda p: rollout_params(p, self.model_config), self._model_params)
         if self.mesh is None:
             return abstract
-        from tradojax.parallel.sharding import param_sharding
-
         def placed(path, leaf):
             sharding = param_sharding(".".join(str(p) for p in path), leaf.shape, self.mesh, role="rollout")
             return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)

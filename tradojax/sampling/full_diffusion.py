@@ -377,12 +377,12 @@ def span_hidden(model: Decoder, span_tokens: jax.Array, q_start: jax.Array, pad_
 
     def body(x, layer):
         p, k_cache, v_cache = layer
-        q, k, v = model._qkv(p, x, positions)
+        q, k, v = model.qkv(p, x, positions)
         keys = jax.lax.dynamic_update_slice_in_dim(k_cache.astype(k.dtype), k, q_start, axis=1)
         values = jax.lax.dynamic_update_slice_in_dim(v_cache.astype(v.dtype), v, q_start, axis=1)
-        return model._finish_layer(p, x, attention_ops.masked_attention(q, keys, values, mask)), None
+        return model.finish_layer(p, x, attention_ops.masked_attention(q, keys, values, mask)), None
 
-    hidden, _ = model._layer_loop(body, model.embed(span_tokens), model._layer_params(), k_all, v_all)
+    hidden, _ = model.layer_loop(body, model.embed(span_tokens), model.layer_params(), k_all, v_all)
     return hidden
 
 

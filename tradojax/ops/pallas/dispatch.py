@@ -7,8 +7,8 @@ the kernels on a laptop. `backend=` / `interpret=` override the choice (tests ru
 Sharding: a Mosaic kernel cannot be partitioned by XLA. When the inputs live on a mesh of more
 than one device (the context mesh of `jax.set_mesh`, or the mesh carried by the inputs' shardings
 under `jit(in_shardings=...)`), the kernel runs under `shard_map`: the batch axis is split over
-the mesh axes in BATCH_AXES and the heads over HEAD_AXES where they divide (these match the
-`batch` and `heads` rules of `tradojax.parallel.mesh`); other mesh axes see replicated work.
+the mesh axes in BATCH_AXES and the heads over HEAD_AXES where they divide (the `batch` and
+`heads` rules of `tradojax.parallel.axes`); other mesh axes see replicated work.
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ from tradojax.ops import masks
 from tradojax.ops.masks import MaskRule, Segments
 from tradojax.ops.pallas import decode as decode_kernels
 from tradojax.ops.pallas import segment as segment_kernels
-
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXES = ("tensor",)
+from tradojax.parallel.axes import BATCH_AXES, HEAD_AXES
 
 
 # lowering platform -> (kernel variant, interpret); any other platform interprets the TPU kernels
