@@ -335,6 +335,25 @@ def test_batch_decodes_as_each_row_alone(family):
         np.testing.assert_allclose(alone.logprobs[0], batch.logprobs[row], atol=1e-6)
 
 
+def test_waves_on_a_mesh_decode_as_one_batch():
+    """max_active=1 on a (data 2, fsdp 2, tensor 2) mesh: waves of 4 rows (one per data replica; the
+    6 rows take 2 waves, the second topped up), the rows split over the data axes and the caches'
+    kv_heads over tensor; every row decodes as in one unsharded batch."""
+    from tradojax.config import MeshConfig
+    from tradojax.parallel.mesh import make_mesh
+
+    settings = dataclasses.replace(SAMPLED["dream"], num_samples=2)
+    whole = FullDiffusionSampler(MODELS["dream"], settings).generate(PROMPTS, rng=5)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    waves = FullDiffusionSampler(MODELS["dream"], dataclasses.replace(settings, max_active=1), mesh=mesh)
+    assert waves.wave_rows(6) == 4
+    rollout = waves.generate(PROMPTS, rng=5)
+    np.testing.assert_array_equal(rollout.tokens, whole.tokens)
+    np.testing.assert_array_equal(rollout.trace, whole.trace)
+    np.testing.assert_allclose(rollout.logprobs, whole.logprobs, atol=1e-5)
+    assert rollout.num_forwards > whole.num_forwards  # two waves, each its own loop
+
+
 # ----------------------------------------------------------------------------------------------
 # Caches
 # ----------------------------------------------------------------------------------------------
@@ -386,6 +405,33 @@ def test_from_sampling_maps_the_cli_settings():
             settings.max_new_tokens) == (12, 6, 0.0, "dynamic", 0.8, 10)
 
 
+def test_from_sampling_takes_the_full_attention_fields():
+    sampling = SamplingConfig(block_size=4, denoising_steps=2, max_new_tokens=10, gen_length=16, total_steps=6,
+                              target="margin_confidence", alg_temp=0.5, pad_target_penalty=2.0, cache_mode="prefix",
+                              further_horizon=4, max_active=3, prompt_buckets=(8, 16), seed=9)
+    settings = FullDiffusionConfig.from_sampling(sampling, "dream")
+    assert (settings.gen_length, settings.steps, settings.steps_per_block(), settings.target, settings.alg_temp,
+            settings.pad_target_penalty, settings.cache, settings.further_horizon, settings.max_active) == (
+        16, 6, (2, 2, 1, 1), "margin_confidence", 0.5, 2.0, "prefix", 4, 3)
+    sampler = FullDiffusionSampler(MODELS["dream"], sampling)
+    assert sampler.seed == 9 and sampler.prompt_width(5) == 8 and sampler.prompt_width(9) == 16
+
+
+@pytest.mark.parametrize("fields,named", [
+    (dict(gen_length=10), "sampling.gen_length"),  # not a multiple of block_size 4
+    (dict(gen_length=4, max_new_tokens=8), "sampling.gen_length"),  # shorter than the responses
+    (dict(total_steps=1, max_new_tokens=8), "sampling.total_steps"),  # fewer than the 2 blocks
+    (dict(total_steps=9, max_new_tokens=8), "sampling.total_steps"),  # more than one per token
+    (dict(alg_temp=-0.1), "sampling.alg_temp"),
+    (dict(pad_target_penalty=0.0), "sampling.pad_target_penalty"),
+    (dict(further_horizon=-1), "sampling.further_horizon"),
+    (dict(further_horizon=4, cache_mode="dual"), "sampling.further_horizon"),
+])
+def test_sampling_full_attention_fields_are_checked(fields, named):
+    with pytest.raises(ConfigError, match=named):
+        SamplingConfig(block_size=4, denoising_steps=4, **fields)
+
+
 # ----------------------------------------------------------------------------------------------
 # tradojax sample
 # ----------------------------------------------------------------------------------------------
@@ -405,3 +451,29 @@ def test_sample_command_runs_on_full_attention_models(family, tmp_path, capsys):
     record = json.loads(lines[0])
     assert 1 <= len(record["token_ids"]) <= 6 and len(record["step_map"]) == len(record["token_ids"])
     assert min(record["step_map"]) >= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# tradojax eval
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_eval_command_runs_on_full_attention_models(family, tmp_path, capsys):
+    """A random tiny LLaDA / Dream model on 3 synthetic math tasks, the default sweep (dynamic
+    sampled, static greedy) through the full-attention sampler: results written, accuracy the mean
+    correctness of the scored responses."""
+    out = tmp_path / "eval.json"
+    code = cli.main(["eval", "--config=configs/tiny.py", f"--config.model.family={family}",
+                     "--config.model.qk_norm=False", f"--config.model.qkv_bias={family == 'dream'}",
+                     "--config.data.synthetic_eval_size=3", "--config.data.synthetic_train_size=10",
+                     "--config.eval.num_samples=2", "--config.sampling.max_new_tokens=8",
+                     "--config.sampling.max_active=4", "--config.rl.reward_workers=1", "--responses", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads(out.read_text())["results"]
+    assert [(r["strategy"], r["top_k"]) for r in results] == [("low_confidence_dynamic", 0), ("low_confidence_static", 1)]
+    for r in results:
+        assert r["num_tasks"] == 3 and r["num_samples"] == 2 and len(r["responses"]) == 6
+        assert r["accuracy"] == pytest.approx(np.mean([x["correct"] for x in r["responses"]]))
+        assert 0 < r["mean_length"] <= 8 and r["tokens_per_step"] > 0

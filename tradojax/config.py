@@ -111,6 +111,8 @@ class ModelConfig:
 
 
 RemaskingStrategy = Literal["low_confidence_static", "low_confidence_dynamic", "sequential", "entropy_bounded"]
+FullAttentionTarget = Literal["confidence", "margin_confidence", "neg_entropy", "random"]
+FullAttentionCache = Literal["none", "prefix", "dual"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,10 +135,46 @@ class SamplingConfig:
     # sequences resident at once per data-parallel replica (the original's rollout max_active); the
     # others wait and take the slots that finished ones free (results do not depend on it)
     max_active: int = 256
+    # Full-attention models (LLaDA, Dream; sampling/full_diffusion.py, spec 2.6-2.7). The canvas is
+    # `gen_length` masks after the prompt (0: max_new_tokens rounded up to whole blocks), decoded in
+    # blocks of `block_size`; `total_steps` steps over the canvas split over the blocks, the remainder
+    # to the first ones (0: `denoising_steps` per block).
+    gen_length: int = 0
+    total_steps: int = 0
+    target: FullAttentionTarget = "confidence"  # the score that ranks positions to commit
+    alg_temp: float = 0.0  # Dream static: > 0 draws the committed positions from softmax(score / alg_temp)
+    pad_target_penalty: float = 1.0  # Dream: pad proposals' scores are divided by this
+    cache_mode: FullAttentionCache = "prefix"  # none (full forward every step), prefix (Fast-dLLM) or dual
+    further_horizon: int | None = None  # prefix cache: columns after the block forwarded (None: all)
+
+    @property
+    def full_gen_length(self) -> int:
+        """The full-attention canvas' generated region (`gen_length`, or max_new_tokens in whole blocks)."""
+        return self.gen_length or -(-self.max_new_tokens // self.block_size) * self.block_size
 
     def __post_init__(self) -> None:
         if self.max_active < 1:
             _fail("sampling.max_active", f"must be >= 1, got {self.max_active}")
+        if self.gen_length < 0 or (self.gen_length and (self.block_size < 1 or self.gen_length % self.block_size
+                                                        or self.gen_length < self.max_new_tokens)):
+            _fail("sampling.gen_length", f"must be 0 (max_new_tokens in whole blocks) or a multiple of "
+                                         f"block_size={self.block_size} >= max_new_tokens={self.max_new_tokens}, "
+                                         f"got {self.gen_length}")
+        if self.total_steps and self.block_size >= 1:
+            blocks = self.full_gen_length // self.block_size
+            if not blocks <= self.total_steps <= self.full_gen_length:
+                _fail("sampling.total_steps", f"must be 0 (denoising_steps per block) or in [blocks={blocks}, "
+                                              f"gen_length={self.full_gen_length}], got {self.total_steps}")
+        if self.total_steps < 0:
+            _fail("sampling.total_steps", f"must be >= 0, got {self.total_steps}")
+        if self.alg_temp < 0:
+            _fail("sampling.alg_temp", f"must be >= 0 (0 = top-k by score), got {self.alg_temp}")
+        if self.pad_target_penalty <= 0:
+            _fail("sampling.pad_target_penalty", f"must be > 0 (1 = no penalty), got {self.pad_target_penalty}")
+        if self.further_horizon is not None and self.further_horizon < 0:
+            _fail("sampling.further_horizon", f"must be >= 0 or None (every column), got {self.further_horizon}")
+        if self.further_horizon is not None and self.cache_mode != "prefix":
+            _fail("sampling.further_horizon", f"applies to cache_mode='prefix' only (cache_mode={self.cache_mode!r})")
         if self.block_size < 1:
             _fail("sampling.block_size", f"must be >= 1, got {self.block_size}")
         if not 1 <= self.denoising_steps <= self.block_size:
@@ -340,6 +378,72 @@ class MeshConfig:
                 _fail(f"mesh.{name}", f"must be >= 1 or -1, got {value}")
 
 
+SFTMode = Literal["auto", "block", "trace", "semi_ar", "random_masking"]
+SFT_MODES: tuple[str, ...] = ("block", "trace", "semi_ar", "random_masking")
+# Dual-stream (block-causal) modes and single-stream (full attention) modes per model family, and
+# the original's default of each: sft_trado/sft_sdar "semi-ar" (our block SFT), sft_llada random
+# masking, sft_dream semi-ar (sliced). Modes: tradojax/sft/config.py.
+SFT_FAMILY_MODES: dict[str, tuple[str, ...]] = {
+    "sdar": ("block", "trace"),
+    "llada": ("semi_ar", "random_masking", "trace"),
+    "dream": ("semi_ar", "random_masking", "trace"),
+}
+SFT_DEFAULT_MODES: dict[str, str] = {"sdar": "block", "llada": "random_masking", "dream": "semi_ar"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """How `tradojax sft` builds and batches rows, and when it saves and evaluates."""
+
+    mode: SFTMode = "auto"  # "auto": the family's default (SFT_DEFAULT_MODES)
+    shrink: int = 1  # trace modes: merge groups of `shrink` consecutive distinct steps (training.shrink)
+    mask_times_per_sample: int = 1  # random_masking: rows per example (m; LLaDA 1, Dream 35)
+    # Length buckets: examples are grouped by padded (prompt, response) lengths; each batch comes
+    # from one bucket and each bucket shape compiles once. "pow2": the next power of two (at least
+    # `min_bucket`); "multiple": the next multiple of `bucket_multiple`; "single": one bucket, the
+    # longest example (every batch padded to it).
+    buckets: Literal["pow2", "multiple", "single"] = "pow2"
+    bucket_multiple: int = 64
+    min_bucket: int = 64
+    save_every: int = 0  # steps between checkpoints (0: at the end only with `tradojax sft`; SIGTERM saves)
+    eval_every: int = 0  # steps between held-out loss / sampling evals (0: none)
+    # Sampling block sizes evaluated at each eval (block-size adaptation evaluates at the old and
+    # the new size); empty: `sampling.block_size` only.
+    eval_block_sizes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", *SFT_MODES):
+            _fail("sft.mode", f"must be one of {['auto', *SFT_MODES]}, got {self.mode!r}")
+        if self.buckets not in ("pow2", "multiple", "single"):
+            _fail("sft.buckets", f"must be 'pow2', 'multiple' or 'single', got {self.buckets!r}")
+        for name in ("shrink", "mask_times_per_sample", "bucket_multiple", "min_bucket"):
+            if getattr(self, name) < 1:
+                _fail(f"sft.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("save_every", "eval_every"):
+            if getattr(self, name) < 0:
+                _fail(f"sft.{name}", f"must be >= 0, got {getattr(self, name)}")
+        for i, size in enumerate(self.eval_block_sizes):
+            if size < 1:
+                _fail(f"sft.eval_block_sizes[{i}]", f"must be >= 1, got {size}")
+
+    def check_family(self, family: str) -> None:
+        """Raises ConfigError when `mode` does not fit the model family's attention."""
+        if self.mode == "auto":
+            return
+        if self.mode not in SFT_FAMILY_MODES.get(family, ()):
+            hint = ("block-diffusion (sdar) models train with the dual-stream modes 'block' and 'trace'"
+                    if family == "sdar" else
+                    f"full-attention ({family}) models train with single-stream rows: 'semi_ar', "
+                    "'random_masking' or 'trace'")
+            _fail("sft.mode", f"{self.mode!r} does not apply to model.family={family!r}; {hint}")
+
+    def for_family(self, family: str) -> SFTConfig:
+        """This config with `mode` "auto" resolved to the family's default, checked against it."""
+        resolved = self if self.mode != "auto" else dataclasses.replace(self, mode=SFT_DEFAULT_MODES[family])
+        resolved.check_family(family)
+        return resolved
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "tradojax"
@@ -359,6 +463,7 @@ class Config:
     eval: EvalConfig = EvalConfig()
     rl: RLConfig = RLConfig()
     mesh: MeshConfig = MeshConfig()
+    sft: SFTConfig = SFTConfig()  # `tradojax sft` (and the warm start's row options)
     # An SFT stage before RL (`tradojax rl`, `tradojax demo`): block SFT with these optimisation
     # settings on the training tasks' worked solutions (synthetic tasks). None = start RL directly.
     warm_start: TrainConfig | None = None
@@ -461,7 +566,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
 
 # the section name each section type's own checks use in their messages
 _SECTION_NAMES = {typing.get_type_hints(Config)[name]: name for name in
-                  ("experiment", "model", "sampling", "train", "data", "eval", "rl", "mesh")}
+                  ("experiment", "model", "sampling", "train", "data", "eval", "rl", "mesh", "sft")}
 
 
 def to_dict(config: Any) -> dict:

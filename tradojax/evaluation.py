@@ -191,7 +191,7 @@ def evaluate(
     from tradojax.data.tasks import task_kind
     from tradojax.data.templates import task_prompt
     from tradojax.rewards import score_responses
-    from tradojax.sampling.block_diffusion import BlockDiffusionSampler
+    from tradojax.sampling.full_diffusion import sampler_for
 
     kind = task_kind(tasks)
     if config.eval.num_tasks:
@@ -205,7 +205,7 @@ def evaluate(
     results = []
     for strategy, top_k in zip(config.eval.strategies, config.eval.top_k):
         sampling = eval_sampling(config, strategy, top_k)
-        sampler = BlockDiffusionSampler(model, sampling, mesh=mesh)
+        sampler = sampler_for(model, sampling, mesh=mesh)  # by family: full attention or block diffusion
         done = (record.done_chunks(strategy, top_k, len(chunks)) if record is not None
                 else np.zeros(len(chunks), bool))
         responses: dict[tuple[int, int], dict] = {}

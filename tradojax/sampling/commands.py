@@ -156,10 +156,9 @@ def _run_sampler(config: Config, model: Any, prompt_ids: list[list[int]], show_p
 
     rng = config.sampling.seed if seed is None else seed
     if model.config.family in ("llada", "dream"):  # full attention: the semi-autoregressive canvas sampler
-        from tradojax.sampling.full_diffusion import FullDiffusionConfig, FullDiffusionSampler
+        from tradojax.sampling.full_diffusion import FullDiffusionSampler
 
-        settings = FullDiffusionConfig.from_sampling(config.sampling, model.config.family)
-        return FullDiffusionSampler(model, settings).generate(prompt_ids, rng=rng)
+        return FullDiffusionSampler(model, config.sampling, mesh=mesh).generate(prompt_ids, rng=rng)
     sampler = BlockDiffusionSampler(model, config.sampling, mesh=mesh)
     if not show_progress:
         return sampler.generate(prompt_ids, rng=rng)

@@ -65,13 +65,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tradojax.config import ConfigError, SamplingConfig
 from tradojax.models.transformer import Decoder, per_layer_view
 from tradojax.ops import attention as attention_ops
 from tradojax.ops.masks import MaskRule, full_segments
+from tradojax.parallel.axes import BATCH_AXES
+from tradojax.parallel.mesh import batch_sharding, data_parallel_size
+from tradojax.parallel.sharding import shard_batch, shard_params, state_shardings, to_host
 from tradojax.sampling import strategies
-from tradojax.sampling.block_diffusion import Rollout
+from tradojax.sampling.block_diffusion import BlockDiffusionSampler, Rollout, prompt_bucket, rollout_params
 
 Target = Literal["confidence", "margin_confidence", "neg_entropy", "random"]
 TARGETS: tuple[str, ...] = ("confidence", "margin_confidence", "neg_entropy", "random")
@@ -108,6 +112,8 @@ class FullDiffusionConfig:
     num_samples: int = 1  # rows per prompt
     max_new_tokens: int | None = None  # responses cut to this many tokens (None: gen_length)
     stop_token_ids: tuple[int, ...] = ()  # besides EOS/pad: end a response (its length) but not the canvas
+    max_active: int = 256  # rows resident at once per data-parallel replica (the rest wait for the next wave)
+    prompt_buckets: tuple[int, ...] = ()  # prompt region widths to round up to (fewer compiles); () = the longest
 
     def __post_init__(self) -> None:
         if self.block_length < 1:
@@ -144,6 +150,8 @@ class FullDiffusionConfig:
             _fail("num_samples", f"must be >= 1, got {self.num_samples}")
         if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= self.gen_length:
             _fail("max_new_tokens", f"must be in [1, gen_length={self.gen_length}] or None, got {self.max_new_tokens}")
+        if self.max_active < 1:
+            _fail("max_active", f"must be >= 1, got {self.max_active}")
 
     @property
     def num_blocks(self) -> int:
@@ -156,9 +164,11 @@ class FullDiffusionConfig:
 
     @classmethod
     def from_sampling(cls, sampling: SamplingConfig, family: str, **overrides) -> FullDiffusionConfig:
-        """The `tradojax sample` settings as full-attention ones: blocks of `block_size` with
-        `denoising_steps` each over `max_new_tokens` rounded up to whole blocks; the two
-        low-confidence strategies map to static/dynamic; greedy `top_k=1` is temperature 0."""
+        """The config's `sampling` section as full-attention settings: a canvas of
+        `sampling.full_gen_length` in blocks of `block_size`, `total_steps` over it (or
+        `denoising_steps` per block); the two low-confidence strategies map to static/dynamic;
+        greedy `top_k=1` is temperature 0; target, alg_temp, pad_target_penalty, cache_mode,
+        further_horizon and max_active are taken as they are."""
         if sampling.remasking_strategy not in ("low_confidence_static", "low_confidence_dynamic"):
             raise ConfigError(f"sampling.remasking_strategy: the full-attention ({family}) sampler takes "
                               f"'low_confidence_static' or 'low_confidence_dynamic', got "
@@ -168,15 +178,19 @@ class FullDiffusionConfig:
             raise ConfigError("sampling.top_k/top_p: LLaDA samples by Gumbel-max from the whole vocabulary; "
                               "use top_k=0 and top_p=1 (or top_k=1 for greedy)")
         b = sampling.block_size
-        blocks = -(-sampling.max_new_tokens // b)
+        gen_length = sampling.full_gen_length
         settings = dict(
-            gen_length=blocks * b, block_length=b, steps=blocks * sampling.denoising_steps,
+            gen_length=gen_length, block_length=b,
+            steps=sampling.total_steps or gen_length // b * sampling.denoising_steps,
             temperature=0.0 if greedy else sampling.temperature,
             top_p=sampling.top_p, top_k=0 if greedy else sampling.top_k,
             remasking="static" if sampling.remasking_strategy == "low_confidence_static" else "dynamic",
             threshold=sampling.dynamic_threshold, num_samples=sampling.num_samples,
             max_new_tokens=sampling.max_new_tokens,
-            stop_token_ids=tuple(sampling.stop_token_ids))
+            stop_token_ids=tuple(sampling.stop_token_ids), target=sampling.target, alg_temp=sampling.alg_temp,
+            pad_target_penalty=sampling.pad_target_penalty, cache=sampling.cache_mode,
+            further_horizon=sampling.further_horizon, max_active=sampling.max_active,
+            prompt_buckets=tuple(sampling.prompt_buckets))
         settings.update(overrides)
         return cls(**settings)
 
@@ -191,6 +205,9 @@ class _Plan:
     mask_id: int
     eos_id: int
     pad_id: int
+    key_impl: str = "threefry2x32"  # the row keys' PRNG (they arrive as key data)
+    mesh: Mesh | None = None  # rows split over BATCH_AXES of it, the K/V caches' kv_heads over tensor
+    kv_heads: int = 1
 
     @property
     def width(self) -> int:
@@ -199,6 +216,18 @@ class _Plan:
     @property
     def shift(self) -> int:
         return 1 if self.family == "dream" else 0
+
+    def constrain(self, x: jax.Array, row_axis: int = 0) -> jax.Array:
+        """`x` with `row_axis` split over the mesh's data axes (the rollout's batch rule); a K/V
+        cache ([layers, rows, columns, kv_heads, head_dim]) also with kv_heads over `tensor`."""
+        if self.mesh is None:
+            return x
+        spec = [None] * x.ndim
+        spec[row_axis] = tuple(a for a in BATCH_AXES if self.mesh.shape.get(a, 1) > 1) or None
+        tensor = self.mesh.shape.get("tensor", 1)
+        if x.ndim == 5 and tensor > 1 and self.kv_heads % tensor == 0:
+            spec[3] = "tensor"
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(*spec)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,13 +436,18 @@ def span_width(plan: _Plan) -> int:
 # The compiled generate
 # ----------------------------------------------------------------------------------------------
 
+_PER_ROW = ("canvas", "trace", "logprob", "row_step", "done")
+
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
 def _generate(graphdef: nnx.GraphDef, params: nnx.State, canvas: jax.Array, pad_count: jax.Array,
-              row_keys: jax.Array, plan: _Plan) -> dict[str, jax.Array]:
+              row_key_data: jax.Array, plan: _Plan) -> dict[str, jax.Array]:
     """One `lax.while_loop` over (block, step): an iteration denoises the current block one step
-    (if a row still has masks in it), then moves to the next block once no row has."""
+    (if a row still has masks in it), then moves to the next block once no row has. Per-row
+    inputs and state are split over the mesh's data axes (`_Plan.constrain`)."""
     model: Decoder = nnx.merge(graphdef, params)
+    canvas, pad_count = plan.constrain(canvas), plan.constrain(pad_count)
+    row_keys = jax.random.wrap_key_data(plan.constrain(row_key_data), impl=plan.key_impl)
     s = plan.settings
     b, big_p, width, shift = s.block_length, plan.prompt_width, plan.width, plan.shift
     batch = canvas.shape[0]
@@ -535,8 +569,9 @@ def _generate(graphdef: nnx.GraphDef, params: nnx.State, canvas: jax.Array, pad_
     if cached:
         config = model.config
         shape = (config.num_layers, batch, width + extra, config.num_kv_heads, config.head_dim)
-        zeros = jnp.zeros(shape, model.embed(canvas[:1, :1]).dtype)  # the compute dtype
+        zeros = plan.constrain(jnp.zeros(shape, model.embed(canvas[:1, :1]).dtype), row_axis=1)  # compute dtype
         carry["kv"] = (zeros, zeros)
+    carry = {name: plan.constrain(x) if name in _PER_ROW else x for name, x in carry.items()}
     carry = jax.lax.while_loop(cond, body, carry)
     return {"response": carry["canvas"][:, big_p:width], "trace": carry["trace"], "logprob": carry["logprob"],
             "num_steps": carry["row_step"], "forwards": carry["forwards"], "full_forwards": carry["full_forwards"]}
@@ -548,31 +583,111 @@ def _generate(graphdef: nnx.GraphDef, params: nnx.State, canvas: jax.Array, pad_
 
 
 class FullDiffusionSampler:
-    """Generates from a LLaDA or Dream model: `FullDiffusionSampler(model, settings).generate(prompt_ids)`.
+    """Generates from a LLaDA or Dream model: `FullDiffusionSampler(model, sampling).generate(prompt_ids)`.
 
-    Returns the block-diffusion sampler's `Rollout` (rows of a prompt adjacent, `num_samples` per
-    prompt). A response ends at (and includes) its first EOS, pad or stop token; `lengths` counts
-    that far, and the arrays hold pad / 0 beyond. `num_forwards` counts model calls (full or cached).
+    `settings`: a `FullDiffusionConfig`, or the config's `SamplingConfig` (`from_sampling`). Returns
+    the block-diffusion sampler's `Rollout` (rows of a prompt adjacent, `num_samples` per prompt). A
+    response ends at (and includes) its first EOS, pad or stop token; `lengths` counts that far, and
+    the arrays hold pad / 0 beyond. `num_forwards` counts model calls (full or cached), summed over
+    the waves.
+
+    Concurrency (the rollout engine's `max_active`): the canvas has a fixed width, so there is no
+    continuous batching: the rows run in **waves** of at most `max_active` rows per data-parallel
+    replica (`max_active` x replicas rows, split over the mesh's data axes), one after the other
+    through the same compiled program (one per (wave rows, prompt width) shape; the last wave is
+    topped up with copies of row 0, dropped). A row decodes the same in any wave (its own key, its
+    own keys in attention), so results do not depend on `max_active` or the mesh.
     """
 
-    def __init__(self, model: Decoder, settings: FullDiffusionConfig):
+    def __init__(self, model: Decoder, settings: FullDiffusionConfig | SamplingConfig, *, mesh: Mesh | None = None):
         config = model.config
         if config.family not in FAMILIES:
             raise ConfigError(f"model.family: the full-attention sampler serves {list(FAMILIES)}, got {config.family!r}")
+        self.seed = 0
+        if isinstance(settings, SamplingConfig):
+            self.seed = settings.seed
+            settings = FullDiffusionConfig.from_sampling(settings, config.family)
         if config.family == "llada" and (settings.top_k > 0 or settings.top_p < 1):
             _fail("top_k", "LLaDA's Gumbel-max sampling has no top-k/top-p filter (use top_k=0, top_p=1)")
         self.model_config = config
         self.settings = settings
-        self.graphdef, params = nnx.split(model)
-        # on CPU, one array per layer: the forwards read weights in place instead of slicing copies
-        self.params = per_layer_view(params) if jax.default_backend() == "cpu" else params
+        self.mesh = mesh
+        self.replicas = 1 if mesh is None else data_parallel_size(mesh, "rollout")
+        self.graphdef, self._model_params = nnx.split(model)
         self.last_full_forwards = 0
 
-    def generate(self, prompts: Sequence[Sequence[int]], rng: int | jax.Array = 0, *,
+    # ------------------------------------------------------------------ placement
+
+    @functools.cached_property
+    def params(self) -> nnx.State:
+        """The model's weights as the sampler streams them (placed on first use)."""
+        return self._place(self._model_params)
+
+    def _place(self, params: nnx.State) -> nnx.State:
+        """The compute dtype (`rollout_params`), the rollout's sharding on a mesh; on CPU without a
+        mesh one array per layer (the forwards read weights in place instead of slicing copies)."""
+        params = rollout_params(params, self.model_config)
+        if self.mesh is not None:
+            return shard_params(params, self.mesh, role="rollout")
+        return per_layer_view(params) if jax.default_backend() == "cpu" else params
+
+    def abstract_params(self) -> nnx.State:
+        """The placed weights' shapes, dtypes and shardings (no memory), as `_place` lays them out
+        on a mesh (for `programs`)."""
+        abstract = jax.eval_shape(lambda p: rollout_params(p, self.model_config), self._model_params)
+        if self.mesh is None:
+            return abstract
+        leaves, treedef = jax.tree.flatten(abstract)
+        shardings = jax.tree.leaves(state_shardings(abstract, self.mesh, "rollout"))
+        return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+                                  for x, sh in zip(leaves, shardings, strict=True)])
+
+    def wave_rows(self, rows: int) -> int:
+        """Rows per wave for `rows` rows: at most `max_active` per replica, a multiple of the replicas."""
+        per_replica = min(self.settings.max_active, -(-rows // self.replicas))
+        return per_replica * self.replicas
+
+    def prompt_width(self, longest: int) -> int:
+        """The canvas' prompt region for a longest prompt of `longest` tokens (its bucket, if any)."""
+        buckets = self.settings.prompt_buckets
+        return prompt_bucket(longest, buckets) if buckets else longest
+
+    def _plan(self, prompt_width: int) -> _Plan:
+        c = self.model_config
+        key_impl = str(jax.random.key_impl(jax.random.key(0)))
+        return _Plan(self.settings, c.family, prompt_width, c.mask_token_id, c.eos_token_id, c.pad_token_id,
+                     key_impl=key_impl, mesh=self.mesh, kv_heads=c.num_kv_heads)
+
+    def _rows_on_mesh(self, x: np.ndarray) -> jax.Array:
+        return jnp.asarray(x) if self.mesh is None else shard_batch(x, self.mesh, role="rollout")
+
+    def programs(self, rows: int, prompt_len: int) -> dict[str, tuple]:
+        """The jitted function `generate` runs for `rows` rows with prompts of up to `prompt_len`
+        tokens, as {name: (jitted_fn, args, kwargs)} with abstract arguments laid out on this
+        sampler's mesh (static arguments concrete): `fn.lower(*args, **kwargs).compile()` compiles
+        exactly what `generate` runs, once per wave (works on a sampler of `abstract_model`)."""
+        width = self.prompt_width(prompt_len)
+        wave = self.wave_rows(rows)
+        plan = self._plan(width)
+        key_shape = jax.random.key_data(jax.random.key(0)).shape
+
+        def per_row(shape, dtype):
+            sharding = None if self.mesh is None else batch_sharding(self.mesh, len(shape), "rollout")
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        args = (self.graphdef, self.abstract_params(), per_row((wave, plan.width), jnp.int32),
+                per_row((wave,), jnp.int32), per_row((wave, *key_shape), jnp.uint32), plan)
+        return {"generate": (_generate, args, {})}
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: Sequence[Sequence[int]], rng: int | jax.Array | None = None, *,
                  row_ids: Sequence[int] | None = None, prompt_width: int | None = None,
                  params: nnx.State | None = None) -> Rollout:
-        """`row_ids` (default 0..N-1) key each row's randomness; `prompt_width` (default: the
-        longest prompt) is the canvas' prompt region, the prompts left-padded into it."""
+        """`rng`: a key or int seed (default: the sampling seed, 0 for a `FullDiffusionConfig`);
+        `row_ids` (default 0..N-1) key each row's randomness; `prompt_width` (default: the longest
+        prompt, rounded up to a prompt bucket) is the canvas' prompt region, the prompts
+        left-padded into it; `params` replace the model's weights (RL updates)."""
         s, c = self.settings, self.model_config
         prompt_arrays = []
         for i, prompt in enumerate(prompts):
@@ -585,8 +700,9 @@ class FullDiffusionSampler:
         if not prompt_arrays:
             raise ValueError("prompts: no prompts given")
         rows = [p for p in prompt_arrays for _ in range(s.num_samples)]
-        width = max(len(p) for p in rows) if prompt_width is None else prompt_width
-        if width < max(len(p) for p in rows):
+        longest = max(len(p) for p in rows)
+        width = self.prompt_width(longest) if prompt_width is None else prompt_width
+        if width < longest:
             raise ValueError(f"prompt_width {width} is shorter than the longest prompt")
         canvas = np.full((len(rows), width + s.gen_length), c.mask_token_id, np.int32)
         pad_count = np.zeros(len(rows), np.int32)
@@ -597,11 +713,24 @@ class FullDiffusionSampler:
         ids = np.arange(len(rows)) if row_ids is None else np.asarray(row_ids)
         if ids.shape != (len(rows),):
             raise ValueError(f"row_ids: expected {len(rows)} ids, got shape {ids.shape}")
+        rng = self.seed if rng is None else rng
         key = rng if isinstance(rng, jax.Array) else jax.random.key(rng)
         row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(ids, jnp.int32))
-        plan = _Plan(s, c.family, width, c.mask_token_id, c.eos_token_id, c.pad_token_id)
-        out = jax.device_get(_generate(self.graphdef, self.params if params is None else params,
-                                       jnp.asarray(canvas), jnp.asarray(pad_count), row_keys, plan))
+        key_data = np.asarray(jax.random.key_data(row_keys))
+        plan = self._plan(width)
+        params = self.params if params is None else self._place(params)
+        wave = self.wave_rows(len(rows))
+        total = -(-len(rows) // wave) * wave
+        filler = np.zeros(total - len(rows), np.int64)  # the last wave topped up with row 0 (dropped)
+        canvas, pad_count, key_data = (np.concatenate([x, x[filler]]) for x in (canvas, pad_count, key_data))
+        waves = []
+        for start in range(0, total, wave):
+            part = slice(start, start + wave)
+            out = _generate(self.graphdef, params, self._rows_on_mesh(canvas[part]), self._rows_on_mesh(pad_count[part]),
+                            self._rows_on_mesh(key_data[part]), plan)
+            waves.append({name: to_host(x) for name, x in out.items()})
+        out = {name: np.concatenate([w[name] for w in waves])[: len(rows)] if waves[0][name].ndim
+               else sum(int(w[name]) for w in waves) for name in waves[0]}
         self.last_full_forwards = int(out["full_forwards"])
         return self._rollout(out, rows, len(prompt_arrays))
 
@@ -621,3 +750,12 @@ class FullDiffusionSampler:
             prompt_index=np.repeat(np.arange(num_prompts, dtype=np.int32), s.num_samples),
             prompt_lengths=np.array([len(p) for p in rows], np.int32),
             num_forwards=int(out["forwards"]), prefill_forwards=0)
+
+
+def sampler_for(model: Decoder, sampling: SamplingConfig, *, mesh: Mesh | None = None):
+    """The sampler of the model's family, from the config's `sampling`: the full-attention sampler
+    for LLaDA and Dream, the block-diffusion rollout engine for SDAR/TraDo. Both take
+    `generate(prompts, rng=..., params=...)` and `programs(rows, prompt_len)`."""
+    if model.config.family in FAMILIES:
+        return FullDiffusionSampler(model, sampling, mesh=mesh)
+    return BlockDiffusionSampler(model, sampling, mesh=mesh)
