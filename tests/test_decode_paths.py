@@ -1,6 +1,7 @@
-"""The rollout's fast decode paths change no token: per-layer weights (no weight copy per forward on
-CPU; bit-identical) and the live-slot reference attention give the tokens, traces and log-probs of
-the stacked scan over the dense full-cache attention, for greedy and sampled strategies.
+"""The rollout's fast decode paths change no token: per-layer weights (the sampler's default on CPU:
+no weight copy per forward; bit-identical) and the live-slot reference attention give the tokens,
+traces and log-probs of the stacked scan over the dense full-cache attention, for greedy and
+sampled strategies.
 
 The live-slot attention sums in another order (logits agree to ~2e-7), so a sampling decision whose
 threshold (top-p boundary, entropy bound, dynamic threshold) falls within float32 rounding could
@@ -8,10 +9,10 @@ flip; none of these fixtures has one."""
 
 import numpy as np
 import pytest
-from flax import nnx
+import jax
 
 from tradojax.config import ModelConfig, SamplingConfig
-from tradojax.models.transformer import init_model, per_layer_view
+from tradojax.models.transformer import init_model
 from tradojax.ops import attention as attention_ops
 from tradojax.sampling.block_diffusion import BlockDiffusionSampler
 
@@ -29,22 +30,26 @@ STRATEGIES = {
 }
 
 
-def rollout(model, params, sampling):
+def rollout(sampler):
     rng = np.random.RandomState(0)
     prompts = [rng.randint(4, CONFIG.vocab_size, size=n).tolist() for n in PROMPT_LENGTHS]
-    r = BlockDiffusionSampler(model, sampling).generate(prompts, rng=7, params=params).to_numpy()
+    r = sampler.generate(prompts, rng=7).to_numpy()
     return {name: np.asarray(getattr(r, name)) for name in ("tokens", "trace", "logprobs", "lengths")}
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_fast_paths_give_the_same_rollout(strategy, monkeypatch):
     model = init_model(CONFIG, seed=3)
-    stacked = nnx.split(model)[1]
     sampling = SamplingConfig(block_size=4, denoising_steps=4, max_new_tokens=24, num_samples=2,
                               **STRATEGIES[strategy])
-    fast = rollout(model, per_layer_view(stacked), sampling)
+    default = BlockDiffusionSampler(model, sampling)
+    assert default.per_layer == (jax.default_backend() == "cpu")
+    if default.per_layer:  # the placed weights: one array per layer, the model's own stay stacked
+        assert len(default.params["layers"]["q_proj"].get_value()) == CONFIG.num_layers
+        assert model.layers.q_proj[...].shape[0] == CONFIG.num_layers
+    fast = rollout(default)
     monkeypatch.setattr(attention_ops, "live_cache_attention", attention_ops.full_cache_attention)
-    dense = rollout(model, stacked, sampling)
+    dense = rollout(BlockDiffusionSampler(model, sampling, per_layer=False))
     assert fast["lengths"].sum() > 0
     for name in ("tokens", "trace", "lengths"):
         np.testing.assert_array_equal(fast[name], dense[name], err_msg=name)

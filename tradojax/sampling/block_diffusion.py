@@ -82,7 +82,11 @@ Compiled pieces (`BlockDiffusionSampler.programs` lists them with abstract argum
 `_start` (allocate slots, stage and rollout), `_refill` (prefill staged prompts, start rows in
 free slots; state and stage donated), `_decode` (the `lax.while_loop`, state donated; an
 iteration limit is a traced argument, so a caller can run it in chunks for a progress bar) and
-`_outputs`; one compile each per (rows, prompt bucket, max_new_tokens) and sampling shape.
+`_outputs`; one compile each per (rows, prompt bucket, max_new_tokens) and sampling shape. On CPU
+the sampler streams the layer weights one array per layer (`per_layer_weights_pay`: XLA:CPU would
+copy every weight slice a scan over the stacked layers takes, about the model per forward); the
+decode's layer loop is then unrolled, compiling in time linear in depth; the answers are the same
+bit for bit (tests/test_decode_paths.py).
 
 An uncached reference mode (`cached=False`) recomputes the whole canvas (prompt + committed blocks
 + current block) with the model's full forward under the dense block-causal mask at every step;
@@ -104,7 +108,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tradojax.config import ConfigError, ModelConfig, SamplingConfig
-from tradojax.models.transformer import DTYPES, Decoder, KVCache
+from tradojax.models.transformer import DTYPES, Decoder, KVCache, per_layer_view
 from tradojax.ops.masks import MaskRule, inference_segments
 from tradojax.parallel.axes import BATCH_AXES
 from tradojax.parallel.sharding import param_sharding, shard_params, to_host
@@ -789,6 +793,38 @@ def _global_array(x: Any, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def per_layer_weights_pay(mesh: Mesh | None) -> bool:
+    """Whether the decode reads the layer weights as one array per layer (`per_layer_view`)
+    instead of the stacked layout's `lax.scan`: on CPU, where XLA copies every weight slice the
+    scan takes (about the model's bytes per forward; the per-layer loop reads each weight in place,
+    same values). TPU and GPU keep the scan (their compilers feed sliced weights to the matmuls
+    without a copy, and compile time stays independent of depth). The platform is the mesh's
+    (an AOT compile for TPU on a CPU host decides for TPU), else the default backend's."""
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    return platform == "cpu"
+
+
+def _rollout_weight_sharding(path, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """The rollout sharding of a weight leaf at a tree `path`, stacked or one layer's (`per_layer_view`
+    leaves: the stacked rule without its `layers` axis, which is never split)."""
+    names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if not any(isinstance(k, jax.tree_util.SequenceKey) for k in path):
+        return param_sharding(".".join(names), shape, mesh, role="rollout")
+    stacked = param_sharding(".".join(names), (1, *shape), mesh, role="rollout")
+    return NamedSharding(mesh, PartitionSpec(*tuple(stacked.spec)[1:]))
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _split_layers(params: nnx.State, mesh: Mesh | None) -> nnx.State:
+    """`per_layer_view` as one compiled copy of the layer weights, each layer laid out as the stacked
+    array was (no host round trip; works on a mesh spanning processes)."""
+    split = per_layer_view(params)
+    if mesh is None:
+        return split
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.lax.with_sharding_constraint(x, _rollout_weight_sharding(path, x.shape, mesh)), split)
+
+
 def rollout_params(params: nnx.State, config: ModelConfig) -> nnx.State:
     """The weights the sampler streams: with f32 master weights and a narrower compute dtype, the
     embedding, LM head and layer weights in the compute dtype. The model casts exactly these at use,
@@ -878,7 +914,8 @@ class BlockDiffusionSampler:
     At most `sampling.max_active` sequences per data-parallel replica are resident at once.
     """
 
-    def __init__(self, model: Decoder, sampling: SamplingConfig, *, mesh: Mesh | None = None, cached: bool = True):
+    def __init__(self, model: Decoder, sampling: SamplingConfig, *, mesh: Mesh | None = None, cached: bool = True,
+                 per_layer: bool | None = None):
         self.model_config: ModelConfig = model.config
         check_sampling(sampling, self.model_config)
         self.sampling = sampling
@@ -890,6 +927,8 @@ class BlockDiffusionSampler:
         if mesh is not None:
             self.batch_axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
             self.data_parallel = math.prod(mesh.shape[a] for a in self.batch_axes)
+        # the layer weights one array per layer (default: where that pays); either way the same answers
+        self.per_layer = per_layer_weights_pay(mesh) if per_layer is None else per_layer
 
     @functools.cached_property
     def params(self) -> nnx.State:
@@ -898,10 +937,12 @@ class BlockDiffusionSampler:
         return self._place(self._model_params)
 
     def _place(self, params: nnx.State) -> nnx.State:
+        """The weights as the decode streams them: the compute dtype (`rollout_params`), the
+        rollout's sharding, one array per layer where that pays (`per_layer_weights_pay`)."""
         params = rollout_params(params, self.model_config)
-        if self.mesh is None:
-            return params
-        return shard_params(params, self.mesh, role="rollout")
+        if self.mesh is not None:
+            params = shard_params(params, self.mesh, role="rollout")
+        return _split_layers(params, self.mesh) if self.per_layer else params
 
     def _plan(self, bucket: int, num_prompts: int) -> _Plan:
         """The plan for `num_prompts` prompts (a multiple of the data-parallel size) in `bucket`."""
@@ -929,13 +970,14 @@ class BlockDiffusionSampler:
     def abstract_params(self) -> nnx.State:
         """The placed weights' shapes, dtypes and shardings (no memory): what `generate` streams."""
         abstract = jax.eval_shape(lambda p: rollout_params(p, self.model_config), self._model_params)
+        if self.per_layer:
+            abstract = jax.eval_shape(per_layer_view, abstract)
         if self.mesh is None:
             return abstract
-        def placed(path, leaf):
-            sharding = param_sharding(".".join(str(p) for p in path), leaf.shape, self.mesh, role="rollout")
-            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-
-        return nnx.map_state(placed, abstract)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                    sharding=_rollout_weight_sharding(path, leaf.shape, self.mesh)),
+            abstract)
 
     def _abstract_rows(self, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
         """A per-row input as `place_rows` lays it out, without data."""
