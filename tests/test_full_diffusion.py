@@ -375,6 +375,21 @@ def test_caches_refreshed_every_step_reproduce_uncached(case, cache, uncached_ru
     assert rollout.num_forwards == 2 * reference.num_forwards == 2 * exact.last_full_forwards
 
 
+@pytest.mark.parametrize("family,cache,horizon", [("dream", "dual", None), ("llada", "prefix", 2)])
+def test_cached_forward_on_the_pallas_kernels_gives_the_reference_tokens(family, cache, horizon):
+    """attention_impl="pallas" (interpret mode on CPU): the refresh's full forward on the flash
+    kernel, the cached span on the decode kernel (`visible_keys_attention`); same tokens and traces
+    as the reference attention, log-probs within float32 rounding."""
+    settings = FullDiffusionConfig(gen_length=8, block_length=4, steps=8, temperature=0.8, target="confidence",
+                                   remasking="static", cache=cache, further_horizon=horizon)
+    reference = FullDiffusionSampler(MODELS[family], settings).generate(PROMPTS, rng=1)
+    kernel_model = init_model(dataclasses.replace(tiny_config(family), attention_impl="pallas"), seed=3)
+    kernels = FullDiffusionSampler(kernel_model, settings).generate(PROMPTS, rng=1)
+    np.testing.assert_array_equal(kernels.tokens, reference.tokens)
+    np.testing.assert_array_equal(kernels.trace, reference.trace)
+    np.testing.assert_allclose(kernels.logprobs, reference.logprobs, atol=1e-4)
+
+
 def test_stale_caches_refresh_once_per_block():
     settings = settings_for("dream_confidence_static", cache="prefix", further_horizon=1)
     sampler = FullDiffusionSampler(MODELS["dream"], settings)

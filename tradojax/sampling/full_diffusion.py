@@ -392,24 +392,39 @@ def select_positions(plan: _Plan, masked: jax.Array, score: jax.Array, step_in_b
 
 
 def span_hidden(model: Decoder, span_tokens: jax.Array, q_start: jax.Array, pad_count: jax.Array,
-                k_all: jax.Array, v_all: jax.Array, key_visible: jax.Array) -> jax.Array:
+                k_all: jax.Array, v_all: jax.Array, key_visible: jax.Array, own: int = 1) -> jax.Array:
     """Last hidden states [B, W, hidden] of canvas columns [q_start, q_start + W) against a cache.
 
     The keys are the cached K/V ([layers, B, T, Hkv, D]) in canvas order with the span's fresh K/V
     in its own columns, restricted to `key_visible` [B, T]. With caches computed from the current
     canvas this is the full forward's value at these columns (the same keys in the same order
     through the same attention function); the caches' staleness is the only approximation.
+
+    Attention: the reference (`masked_attention`), or with `attention_impl` resolving to "pallas"
+    the decode kernel (`ops.pallas.dispatch.visible_keys_attention`): the span's first `own`
+    columns (the block, with Dream's column before it; visible in every row) are its block keys,
+    the other visible columns its per-row cache.
     """
     batch, width = span_tokens.shape
-    mask = jnp.broadcast_to(key_visible[:, None, :], (batch, width, key_visible.shape[1]))
     positions = q_start + jnp.arange(width, dtype=jnp.int32)[None, :] - pad_count[:, None]
+    kernel = attention_ops.resolve_impl(model.config.attention_impl) == "pallas"
+    if kernel:
+        from tradojax.ops.pallas import dispatch
+
+        packing = dispatch.pack_visible_keys(key_visible, q_start, own)
+    else:
+        mask = jnp.broadcast_to(key_visible[:, None, :], (batch, width, key_visible.shape[1]))
 
     def body(x, layer):
         p, k_cache, v_cache = layer
         q, k, v = model.qkv(p, x, positions)
         keys = jax.lax.dynamic_update_slice_in_dim(k_cache.astype(k.dtype), k, q_start, axis=1)
         values = jax.lax.dynamic_update_slice_in_dim(v_cache.astype(v.dtype), v, q_start, axis=1)
-        return model.finish_layer(p, x, attention_ops.masked_attention(q, keys, values, mask)), None
+        if kernel:
+            attn = dispatch.visible_keys_attention(q, keys, values, packing, k[:, :own], v[:, :own])
+        else:
+            attn = attention_ops.masked_attention(q, keys, values, mask)
+        return model.finish_layer(p, x, attn), None
 
     hidden, _ = model.layer_loop(body, model.embed(span_tokens), model.layer_params(), k_all, v_all)
     return hidden
@@ -472,7 +487,8 @@ def _generate(graphdef: nnx.GraphDef, params: nnx.State, canvas: jax.Array, pad_
         visible = in_canvas
         if s.cache == "prefix":  # nothing after the window
             visible = visible & (columns < q_start + window)
-        hidden = span_hidden(model, slice_cols(canvas, q_start, window), q_start, pad_count, kv[0], kv[1], visible)
+        hidden = span_hidden(model, slice_cols(canvas, q_start, window), q_start, pad_count, kv[0], kv[1], visible,
+                             own=b + shift)
         return block_logits(hidden[:, :b])
 
     def denoise(c):
@@ -496,7 +512,8 @@ def _generate(graphdef: nnx.GraphDef, params: nnx.State, canvas: jax.Array, pad_
             def with_refresh(kv):
                 hidden, (k, v) = _full_hidden(model, canvas[:, :width], pad_count, return_kv=True)
                 pad = [(0, 0), (0, 0), (0, extra), (0, 0), (0, 0)]
-                new_kv = (jnp.pad(k, pad).astype(kv[0].dtype), jnp.pad(v, pad).astype(kv[1].dtype))
+                new_kv = tuple(plan.constrain(jnp.pad(x, pad).astype(old.dtype), row_axis=1)
+                               for x, old in zip((k, v), kv))
                 if s.cached_logits_on_refresh:
                     return cached_logits(canvas, new_kv, start), new_kv
                 return block_logits(slice_cols(hidden, start - shift, b)), new_kv

@@ -137,3 +137,55 @@ def cached_block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 
     return _sharded(local, (q, k_cache, v_cache, cache_length, k_block, v_block), batch, (heads, kv_heads),
                     ("b.h.", "b.h.", "b.h.", "b", "b.h.", "b.h."), "b.h.")
+
+
+# Query rows (block columns x query heads per KV head) per decode-kernel call of
+# `visible_keys_attention`: a TPU call keeps its [rows, D] accumulator per KV head in VMEM, a Triton
+# program holds its rows in registers.
+_SPAN_ROWS = {"tpu": 1024, "triton": 128}
+
+
+def pack_visible_keys(key_visible: jax.Array, own_start: jax.Array, own: int) -> tuple[jax.Array, jax.Array]:
+    """(order [B, T], lengths [B]): per row, the visible columns outside [own_start, own_start + own)
+    first, in column order (`order` indexes them), and how many there are."""
+    columns = jnp.arange(key_visible.shape[1])
+    own_columns = (columns >= own_start) & (columns < own_start + own)
+    rest = key_visible & ~own_columns[None, :]
+    order = jnp.argsort(~rest, axis=1, stable=True)
+    return order.astype(jnp.int32), rest.sum(axis=1).astype(jnp.int32)
+
+
+def visible_keys_attention(q: jax.Array, keys: jax.Array, values: jax.Array, packing: tuple[jax.Array, jax.Array],
+                           own_keys: jax.Array, own_values: jax.Array, *, backend: str | None = None,
+                           interpret: bool | None = None, block_k: int | None = None) -> jax.Array:
+    """The cached full-attention forward's attention on the decode kernel: queries q [B, W, H, D]
+    see the `own` keys ([B, own, Hkv, D]: the block, always visible) and the columns of keys /
+    values [B, T, Hkv, D] that `packing` (`pack_visible_keys`) lists; same result as
+    `ops.attention.masked_attention` over the columns in canvas order with that visibility.
+
+    The listed columns are gathered to the front of a per-row cache whose length is their count
+    (one copy of the keys per call, as the reference's span update makes), so the kernel reads
+    only live tiles; the queries go through the kernel in chunks of at most `_SPAN_ROWS` rows.
+    """
+    order, lengths = packing
+    k_cache = jnp.take_along_axis(keys, order[:, :, None, None], axis=1)
+    v_cache = jnp.take_along_axis(values, order[:, :, None, None], axis=1)
+    batch, width, heads, _ = q.shape
+    kv_heads = keys.shape[2]
+
+    def make(variant: str, interpret: bool):
+        columns = max(1, _SPAN_ROWS[variant] // (heads // kv_heads))
+
+        def run(q, k_cache, v_cache, lengths, own_keys, own_values):
+            return jnp.concatenate([
+                decode_kernels.decode_attention(q[:, s:s + columns], k_cache, v_cache, lengths, own_keys, own_values,
+                                                backend=variant, interpret=interpret, block_k=block_k)
+                for s in range(0, width, columns)], axis=1)
+
+        return run
+
+    def local(*args):
+        return _per_platform(make, backend, interpret, *args)
+
+    return _sharded(local, (q, k_cache, v_cache, lengths, own_keys, own_values), batch, (heads, kv_heads),
+                    ("b.h.", "b.h.", "b.h.", "b", "b.h.", "b.h."), "b.h.")
