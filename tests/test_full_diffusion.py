@@ -4,6 +4,7 @@ the prefix and dual caches, and `tradojax sample` on both families."""
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -492,3 +493,34 @@ def test_eval_command_runs_on_full_attention_models(family, tmp_path, capsys):
         assert r["num_tasks"] == 3 and r["num_samples"] == 2 and len(r["responses"]) == 6
         assert r["accuracy"] == pytest.approx(np.mean([x["correct"] for x in r["responses"]]))
         assert 0 < r["mean_length"] <= 8 and r["tokens_per_step"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# tradojax aot
+# ----------------------------------------------------------------------------------------------
+
+
+def test_aot_lowers_the_full_attention_sampler_programs_of_rl_dream_7b():
+    """configs/rl_dream_7b.py at 2 layers on its slice (v5p:2x2x1, tensor=4): the rollout and eval
+    programs are the full-attention sampler's `generate` on one wave (max_active rows, the prompt
+    bucket + gen_length canvas), lowered with the Pallas kernels (lowering only: a compile takes
+    minutes); the learner's programs are reported as not built, and asking for them alone is a
+    user error that says why."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from tradojax import aot
+    from tradojax.config import load_config
+    from tradojax.parallel.mesh import make_mesh
+
+    config = aot.for_tpu(load_config("configs/rl_dream_7b.py", ["model.num_layers=2"]))
+    mesh = make_mesh(config.mesh, aot.tpu_devices("v5p:2x2x1"))
+    run = aot.run_programs(config, mesh, "rl")
+    assert sorted(run.programs) == ["eval/low_confidence_dynamic/top_k=0/generate",
+                                    "eval/low_confidence_static/top_k=1/generate", "rollout/generate"]
+    assert set(run.not_compiled) == set(aot.LEARNER_PROGRAMS)
+    assert all("full-attention" in why for why in run.not_compiled.values())
+    fn, args, kwargs = run.programs["rollout/generate"]
+    assert args[2].shape == (32, 512 + 1024)  # one wave: max_active rows x (prompt bucket + gen_length)
+    text = fn.lower(*args, **kwargs).as_text()
+    assert "segment_flash_fwd" in text and "block_decode_attention" in text  # refresh and cached span
+    with pytest.raises(ConfigError, match="policy_update.*full-attention"):
+        aot.compile_for_slice(config, "v5p:2x2x1", "rl", only=("policy_update",))

@@ -7,9 +7,12 @@ kernels), and the executable reports its per-chip memory. Nothing here restates 
 code: the programs are the very jitted functions the runs call, with the arguments they pass,
 from their own modules:
 
-  rollout/*      `BlockDiffusionSampler.programs` of the RL loop's sampler (`rl.num_tasks_per_step x
+  rollout/*      `programs` of the RL loop's sampler (`rl.num_tasks_per_step x
                  rl.num_responses_per_task` rows, the prompt bucket of `train.max_prompt_len`,
-                 `sampling.max_new_tokens`, `sampling.max_active` resident per replica);
+                 `sampling.max_new_tokens`, `sampling.max_active` resident per replica): the
+                 block-diffusion engine's, or for LLaDA/Dream the full-attention sampler's
+                 `generate` (one wave of `max_active` rows per replica; their RL learner is not
+                 built yet, and aot says so for its programs);
   old_logprobs, ref_logprobs, policy_update, old_values, value_update
                  `rl.loop.rl_programs`: the learner's passes on `train.batch_size`-row updates and
                  one-micro-batch forward passes;
@@ -128,6 +131,7 @@ class RunPrograms:
     programs: dict[str, Program]
     resident: dict[str, int]  # program name -> bytes per chip the run holds but does not pass to it
     shapes: dict[str, Any]  # what the shapes were taken from (printed and saved)
+    not_compiled: dict[str, str] = dataclasses.field(default_factory=dict)  # program name -> why not
 
 
 def for_tpu(config: Config, attention: str = "config") -> Config:
@@ -141,16 +145,20 @@ def for_tpu(config: Config, attention: str = "config") -> Config:
     return dataclasses.replace(config, model=dataclasses.replace(config.model, attention_impl=impl))
 
 
+# the learner's programs (`rl.loop.rl_programs`); full-attention families have no learner yet
+LEARNER_PROGRAMS = ("old_logprobs", "ref_logprobs", "policy_update", "old_values", "value_update")
+
+
 def eval_programs(config: Config, mesh: Mesh | None, policy) -> tuple[dict[str, Program], nnx.State]:
     """The sampler programs of every point of the eval sweep (one `eval.chunk_tasks` chunk each),
     and the weights they stream (abstract)."""
     from tradojax.evaluation import eval_sampling
-    from tradojax.sampling.block_diffusion import BlockDiffusionSampler
+    from tradojax.sampling.full_diffusion import sampler_for
 
     programs, streamed = {}, None
     rows = config.eval.chunk_tasks * config.eval.num_samples
     for strategy, top_k in zip(config.eval.strategies, config.eval.top_k):
-        sampler = BlockDiffusionSampler(policy, eval_sampling(config, strategy, top_k), mesh=mesh)
+        sampler = sampler_for(policy, eval_sampling(config, strategy, top_k), mesh=mesh)  # by the model's family
         streamed = sampler.abstract_params()
         for name, program in sampler.programs(rows, config.train.max_prompt_len).items():
             programs[f"eval/{strategy}/top_k={top_k}/{name}"] = program
@@ -170,7 +178,8 @@ def bytes_not_shared(held: nnx.State, streamed: nnx.State) -> int:
 def run_programs(config: Config, mesh: Mesh | None, command: str) -> RunPrograms:
     """Every jitted function `tradojax COMMAND` calls with this config on `mesh`, with abstract arguments."""
     from tradojax.models.transformer import abstract_model
-    from tradojax.sampling.block_diffusion import BlockDiffusionSampler, prompt_bucket
+    from tradojax.sampling.block_diffusion import prompt_bucket
+    from tradojax.sampling.full_diffusion import FAMILIES as FULL_ATTENTION_FAMILIES, sampler_for
 
     if command not in COMMANDS:
         raise ValueError(f"--command: must be one of {COMMANDS}, got {command!r}")
@@ -202,10 +211,15 @@ def run_programs(config: Config, mesh: Mesh | None, command: str) -> RunPrograms
             "value": bytes_per_chip(value.get("value_params", ())),
             "value_opt": bytes_per_chip(value.get("value_opt_state", ()))}
     rows = rl.num_tasks_per_step * rl.num_responses_per_task
-    sampler = BlockDiffusionSampler(policy, rollout_sampling(config), mesh=mesh)
+    sampler = sampler_for(policy, rollout_sampling(config), mesh=mesh)
     programs = {f"rollout/{name}": p for name, p in sampler.programs(rows, config.train.max_prompt_len).items()}
-    learner = rl_programs(config, mesh, graphdef, train_params, opt_state, prompt_length=bucket, **value)
-    programs.update(learner)
+    not_compiled = {}
+    if config.model.family in FULL_ATTENTION_FAMILIES:  # the learner's rows are block-diffusion ones
+        not_compiled = dict.fromkeys(LEARNER_PROGRAMS, f"not compiled: the RL learner for full-attention models "
+                                                       f"({config.model.family}; TraceRL with shrinkage, spec 3.10) "
+                                                       f"is not built yet")
+    else:
+        programs.update(rl_programs(config, mesh, graphdef, train_params, opt_state, prompt_length=bucket, **value))
     programs.update(eval_programs(config, mesh, policy)[0])
     everything = sum(held.values())
     args_held = {  # the trainer's state each learner program takes as arguments
@@ -216,7 +230,7 @@ def run_programs(config: Config, mesh: Mesh | None, command: str) -> RunPrograms
     shapes |= {"rollout_rows": rows, "new_tokens": config.sampling.max_new_tokens,
                "update_rows": config.train.batch_size, "micro_batch": config.train.micro_batch_size,
                "update_length": bucket + 2 * config.sampling.max_new_tokens}
-    return RunPrograms(programs, resident, shapes)
+    return RunPrograms(programs, resident, shapes, not_compiled)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,6 +337,9 @@ def compile_for_slice(config: Config, topology: str, command: str, *, only: tupl
     run = run_programs(config, mesh, command)
     programs = {n: p for n, p in run.programs.items() if not only or any(n.startswith(o) for o in only)}
     if not programs:
+        skipped = [f"{n} ({why})" for n, why in run.not_compiled.items() if any(n.startswith(o) for o in only)]
+        if skipped:
+            raise ConfigError(f"--programs {','.join(only)}: " + "; ".join(skipped))
         raise ValueError(f"--programs {','.join(only)}: matches none of {', '.join(run.programs)}")
     return mesh, run, compile_programs(programs, run.resident, log, seen)
 
@@ -397,6 +414,9 @@ def main(argv: list[str]) -> int:
         print("shapes: " + ", ".join(f"{k} {v}" for k, v in run.shapes.items()))
         rows = report_rows(config_path, topology, mesh, run, results)
         print_table(rows)
+        for name, why in run.not_compiled.items():
+            if not only or any(name.startswith(o) for o in only):
+                print(f"{name}: {why}")
         print()
         report.extend(rows)
         status = status or (0 if all(r["fits"] for r in rows) else 1)

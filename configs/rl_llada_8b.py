@@ -1,0 +1,57 @@
+"""TraceRL on LLaDA-8B-Instruct with math rewards (`configs/rl_llada.yaml`; spec 1.4, 2.6, 3.10).
+
+  tradojax rl --config=configs/rl_llada_8b.py --config.hf_checkpoint=/path/to/LLaDA-8B-Instruct \
+      --config.data.train=/path/to/MATH_train.json --config.data.eval=/path/to/MATH500.json
+
+Architecture (spec 1.4, public config): d_model 4096, 32 layers, 32 heads (MHA), MLP 12288, vocab
+126464, RoPE theta 5e5, no qk-norm, no biases; `<|mdm_mask|>` 126336; EOS `<|eot_id|>` 126348 and
+pad `<|endoftext|>` 126081 (ids from memory of the public tokenizer: check them against yours).
+
+Rollout (the LLaDA sampler, spec 2.6): a canvas of 512 masks after prompts of up to 512 tokens,
+blocks of 32 with one step per token (512 steps), confidence target, static remasking, temperature
+1, the Fast-dLLM prefix cache with a further horizon of 128 columns (the original's use_cache /
+further_horizon). RL (spec 3.10): shrink 8, lr 1e-6, clip 0.2, beta 0.01; updates of 2048 rows
+(batch_size_lm 2 x 8 GPUs x GAS 128). The block size, steps and horizon of the original's rollout
+config are from memory (the spec names gen_length 512 only).
+
+Sized for v5p:2x2x1 (`tradojax aot --config=configs/rl_llada_8b.py --programs rollout,eval`):
+float32 master weights and AdamW moments sharded over the chips, heads and MLP split over tensor=4,
+the rollout in waves of at most 32 rows (the K/V caches of a wave: 8.6 GiB, 2.1 GiB per chip).
+The RL learner for full-attention models is not built yet: `tradojax aot` says so for its programs.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.experiment = dict(name="rl_llada_8b", workdir="runs/rl_llada_8b", seed=10086)
+    config.model = dict(
+        family="llada", vocab_size=126464, hidden_size=4096, intermediate_size=12288, num_layers=32,
+        num_heads=32, num_kv_heads=32, head_dim=128, rope_theta=500_000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=4096, tie_word_embeddings=False, qk_norm=False, qkv_bias=False, block_size=32,
+        mask_token_id=126336, eos_token_id=126348, pad_token_id=126081,
+        param_dtype="float32",  # master weights: AdamW steps of lr 1e-6 vanish in bfloat16
+        compute_dtype="bfloat16", remat="full", attention_impl="auto",
+    )
+    config.sampling = dict(block_size=32, denoising_steps=32, temperature=1.0, top_k=0, top_p=1.0,
+                           remasking_strategy="low_confidence_static", target="confidence",
+                           max_new_tokens=512, gen_length=512, cache_mode="prefix", further_horizon=128,
+                           prompt_buckets=[256, 512], max_active=32)
+    config.data = dict(train="MATH_train.json", eval="MATH500.json", kind="math")
+    config.train = dict(
+        steps=100_000, batch_size=2048, micro_batch_size=8, learning_rate=1e-6, schedule="constant",
+        weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=1.0, block_size=32, post_num=0,
+        max_prompt_len=512, max_response_len=512, loss_normalization="tokens",
+    )
+    config.rl = dict(
+        method="tracerl", steps=80, num_tasks_per_step=64, num_responses_per_task=16,
+        clip_eps=0.2, beta=0.01, kl_estimator="k3", kl_reference="rollout", shrink=8,
+        difficulty_lower=0.2, difficulty_upper=0.8, save_every=10, eval_every=10, reward_workers=16,
+    )
+    config.eval = dict(strategies=["low_confidence_dynamic", "low_confidence_static"], top_k=[0, 1],
+                       num_samples=3, max_new_tokens=512, chunk_tasks=128)
+    config.mesh = dict(data=1, fsdp=-1, tensor=4, slices=["v5p:2x2x1"])
+    config.hf_checkpoint = None
+    config.tokenizer = None  # the checkpoint's own
+    return config
