@@ -23,6 +23,12 @@ TINY = f"--config={REPO / 'configs' / 'tiny.py'}"
 RL_TINY = f"--config={REPO / 'configs' / 'rl_tiny.py'}"
 GOOD_MATH = json.dumps({"question": "1+1?", "ground_truth_answer": "2"}).encode() + b"\n"
 DEEP = b"[" * 100_000 + b"]" * 100_000
+# a well-formed Hugging Face config.json of a tiny SDAR model (its weights vary per case)
+HF_CONFIG = json.dumps({"model_type": "sdar", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+                        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                        "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+                        "tie_word_embeddings": False, "eos_token_id": 1, "pad_token_id": 0, "mask_token_id": 3,
+                        "torch_dtype": "float32"})
 
 
 def _write(path: Path, content: bytes | str) -> Path:
@@ -80,6 +86,11 @@ def bad(tmp_path_factory) -> Path:
         "hf_list/config.json": "[1, 2]",
         "hf_utf8/config.json": b'{"model_type": "\xff"}',
         "hf_types/config.json": json.dumps({"model_type": "sdar", "hidden_size": "big"}),
+        "hf_unknown_type/config.json": json.dumps(dict(json.loads(HF_CONFIG), model_type="gpt2")),
+        "hf_no_weights/config.json": HF_CONFIG,
+        "hf_garbled_weights/config.json": HF_CONFIG,
+        # a safetensors file: an 8-byte header length, then a header that is not JSON
+        "hf_garbled_weights/model.safetensors": (16).to_bytes(8, "little") + b"{not json at all" + bytes(64),
         "run/checkpoints/5/junk": "x",  # a damaged checkpoint
         "a_file": "not a directory",
     }
@@ -199,6 +210,19 @@ CASES = {
     "import-hf: invalid UTF-8 in config.json": (["import-hf", "{d}/hf_utf8", "--out={d}/imported"], ["hf_utf8/config.json: not valid JSON"]),
     "import-hf: wrong type in config.json": (["import-hf", "{d}/hf_types", "--out={d}/imported"],
                                              ["hf_types/config.json: field 'hidden_size'"]),
+    "import-hf: unknown model_type": (["import-hf", "{d}/hf_unknown_type", "--out={d}/imported"],
+                                      ["hf_unknown_type/config.json: unknown model_type 'gpt2'"]),
+    "import-hf: no weights": (["import-hf", "{d}/hf_no_weights", "--out={d}/imported"],
+                              ["hf_no_weights: no *.safetensors files"]),
+    "import-hf: garbled safetensors": (["import-hf", "{d}/hf_garbled_weights", "--out={d}/imported"],
+                                       ["hf_garbled_weights/model.safetensors: cannot read this safetensors file"]),
+    "import-hf: --out missing": (["import-hf", "{d}/hf_no_weights"], ["the following arguments are required: --out"]),
+    "export-hf: garbled safetensors": (["export-hf", "{d}/hf_garbled_weights", "{d}/exported"],
+                                       ["hf_garbled_weights/model.safetensors: cannot read this safetensors file"]),
+    "export-hf: unknown model_type": (["export-hf", "{d}/hf_unknown_type", "{d}/exported"],
+                                      ["unknown model_type 'gpt2'"]),
+    "export-hf: bad --max-shard-size": (["export-hf", "{d}/hf_no_weights", "{d}/exported", "--max-shard-size=lots"],
+                                        ["invalid size 'lots'"]),
     "export-hf: missing model": (["export-hf", "{d}/no_such_model", "{d}/exported"], ["no_such_model: no such checkpoint"]),
     "export-hf: 100000-deep config.json": (["export-hf", "{d}/hf_deep", "{d}/exported"], ["hf_deep/config.json: not valid JSON"]),
     "export-hf: not a model": (["export-hf", "{d}/tok_garbled", "{d}/exported"], ["tok_garbled: not a model"]),
@@ -243,7 +267,8 @@ def test_table_covers_every_command():
 # Through the real command line: the exit status and stderr a user sees, for a few cases.
 SUBPROCESS_CASES = ["rl: get_config() raises"] + [
     pytest.param(name, marks=pytest.mark.slow)
-    for name in ("eval: 100000-deep json", "import-hf: 100000-deep config.json", "rl: override into an int")]
+    for name in ("eval: 100000-deep json", "import-hf: 100000-deep config.json", "export-hf: garbled safetensors",
+                 "rl: override into an int")]
 
 
 @pytest.mark.parametrize("name", SUBPROCESS_CASES)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tradojax.config import ConfigError
+from tradojax import cli
 from tradojax.data.tokenizer import build_tiny_tokenizer
 from tradojax.sampling.commands import CommandError, read_prompts_file, sample_main, trace_view_main
 from tradojax.sampling.trace_view import REPLAY_SCRIPT, token_pieces, trace_page
@@ -182,21 +182,21 @@ def test_sample_then_trace_view(tmp_path, capsys):
     assert data["prompt"].startswith("<|im_start|>user\nWhat is 2+3?<|im_end|>")
     assert data["meta"]["block size"] == "4"
 
-    assert trace_view_main(["--config", TINY, "--from", str(output), "--row", "9",
-                            "--out", str(page)]) == 2
+    assert cli.main(["trace-view", "--config", TINY, "--from", str(output), "--row", "9", "--out", str(page)]) == 2
     assert "--row 9 is out of range (the file has 6 records)" in capsys.readouterr().err
 
 
 def test_commands_report_bad_usage(tmp_path, capsys):
-    assert sample_main(["--prompt", "x"]) == 2
-    assert "--config FILE is required" in capsys.readouterr().err
-    assert sample_main(["--config", TINY]) == 2
+    """Through the command line's entry: exit code 2 and a message naming the problem."""
+    assert cli.main(["sample", "--prompt", "x"]) == 2
+    assert "--config=FILE is required" in capsys.readouterr().err
+    assert cli.main(["sample", "--config", TINY]) == 2
     assert "give --prompt TEXT or --prompts-file FILE" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="sampling.denoising_steps"):
-        sample_main(["--config", TINY, "--config.sampling.denoising_steps=9", "--prompt", "x"])
-    with pytest.raises(ConfigError, match="tokenizer"):
-        sample_main(["--config", TINY, f"--config.tokenizer={tmp_path / 'missing'}", "--prompt", "x"])
+    assert cli.main(["sample", "--config", TINY, "--config.sampling.denoising_steps=9", "--prompt", "x"]) == 2
+    assert "sampling.denoising_steps: must be in [1, block_size=4], got 9" in capsys.readouterr().err
+    assert cli.main(["sample", "--config", TINY, f"--config.tokenizer={tmp_path / 'missing'}", "--prompt", "x"]) == 2
+    assert "ConfigError: tokenizer: tokenizer directory" in capsys.readouterr().err
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"token_ids": [1, 2], "step_map": [1]}\n')
-    assert trace_view_main(["--config", TINY, "--from", str(broken)]) == 2
+    assert cli.main(["trace-view", "--config", TINY, "--from", str(broken)]) == 2
     assert "token_ids and step_map differ in length" in capsys.readouterr().err

@@ -50,6 +50,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tradojax.config import Config, ConfigError, load_config, load_config_dict, split_config_args
+from tradojax.evaluation import eval_sampling
+from tradojax.models.transformer import abstract_model
+from tradojax.models.value import ValueModel
+from tradojax.parallel.mesh import make_mesh
+from tradojax.parallel.sharding import state_shardings
+from tradojax.rl.loop import optimizers, rl_programs, rollout_sampling
+from tradojax.sampling.block_diffusion import prompt_bucket
+from tradojax.sampling.full_diffusion import FAMILIES as FULL_ATTENTION_FAMILIES, sampler_for
 
 # High-bandwidth memory per chip, GiB (public Cloud TPU specs).
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
@@ -92,8 +100,6 @@ def tpu_devices(topology: str) -> list[jax.Device]:
 def abstract_placed(params: nnx.State, mesh: Mesh | None, role: str) -> nnx.State:
     """Parameters as ShapeDtypeStructs in their `role` shardings (what `shard_params` places), in
     the same tree (nnx.Param wrappers included)."""
-    from tradojax.parallel.sharding import state_shardings
-
     leaves, treedef = jax.tree.flatten(params)
     shardings = [None] * len(leaves) if mesh is None else jax.tree.leaves(state_shardings(params, mesh, role))
     return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in zip(leaves, shardings)])
@@ -152,9 +158,6 @@ LEARNER_PROGRAMS = ("old_logprobs", "ref_logprobs", "policy_update", "old_values
 def eval_programs(config: Config, mesh: Mesh | None, policy) -> tuple[dict[str, Program], nnx.State]:
     """The sampler programs of every point of the eval sweep (one `eval.chunk_tasks` chunk each),
     and the weights they stream (abstract)."""
-    from tradojax.evaluation import eval_sampling
-    from tradojax.sampling.full_diffusion import sampler_for
-
     programs, streamed = {}, None
     rows = config.eval.chunk_tasks * config.eval.num_samples
     for strategy, top_k in zip(config.eval.strategies, config.eval.top_k):
@@ -177,10 +180,6 @@ def bytes_not_shared(held: nnx.State, streamed: nnx.State) -> int:
 
 def run_programs(config: Config, mesh: Mesh | None, command: str) -> RunPrograms:
     """Every jitted function `tradojax COMMAND` calls with this config on `mesh`, with abstract arguments."""
-    from tradojax.models.transformer import abstract_model
-    from tradojax.sampling.block_diffusion import prompt_bucket
-    from tradojax.sampling.full_diffusion import FAMILIES as FULL_ATTENTION_FAMILIES, sampler_for
-
     if command not in COMMANDS:
         raise ValueError(f"--command: must be one of {COMMANDS}, got {command!r}")
     policy = abstract_model(config.model)
@@ -193,9 +192,6 @@ def run_programs(config: Config, mesh: Mesh | None, command: str) -> RunPrograms
     if command == "eval":  # the loaded weights stay resident beside the sampler's copy, if it makes one
         programs, streamed = eval_programs(config, mesh, policy)
         return RunPrograms(programs, dict.fromkeys(programs, bytes_not_shared(train_params, streamed)), shapes)
-
-    from tradojax.models.value import ValueModel
-    from tradojax.rl.loop import optimizers, rl_programs, rollout_sampling
 
     rl = config.rl
     tx, value_tx = optimizers(config)
@@ -331,8 +327,6 @@ def compile_for_slice(config: Config, topology: str, command: str, *, only: tupl
                       seen: dict[str, CompiledProgram] | None = None) -> tuple[Mesh, RunPrograms, list[CompiledProgram]]:
     """The config's mesh over `topology`'s chips, and every program of `command` compiled on it
     (`only`: name prefixes to keep)."""
-    from tradojax.parallel.mesh import make_mesh
-
     mesh = make_mesh(config.mesh, tpu_devices(topology))
     run = run_programs(config, mesh, command)
     programs = {n: p for n, p in run.programs.items() if not only or any(n.startswith(o) for o in only)}

@@ -1,7 +1,8 @@
 """The `tradojax` command line: one subcommand per job, each living beside the code it drives.
 
 Each entry names `module:function`; the function takes the remaining argv and returns an exit code.
-Handlers are imported lazily so that `tradojax --help` stays instant.
+Handlers are imported lazily so that `tradojax --help` stays instant. Every handler starts with
+`tradojax.bootstrap` and runs through `bootstrap.run_command`: a user error exits with code 2.
 """
 
 from __future__ import annotations
@@ -44,26 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"tradojax: unknown command {name!r}; known: {', '.join(COMMANDS)}\n")
         return 2
     _quiet_tpu_probe()
+    # imported here, not at the top: it imports jax, which must not load before the platform is chosen
+    from tradojax.bootstrap import run_command
+
     module_name, function_name = COMMANDS[name][0].split(":")
     handler = getattr(importlib.import_module(module_name), function_name)
-    try:
-        return int(handler(rest) or 0)
-    except _user_errors() as err:  # bad input: a clear message naming the field/file, no traceback
-        sys.stderr.write(f"tradojax {name}: {type(err).__name__}: {err}\n")
-        return 2
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from tradojax.checkpoint import CheckpointError
-    from tradojax.config import ConfigError
-    from tradojax.data.readers import DataFormatError
-
-    # OSError: a path that is not a directory, is not writable, a full disk (the message names the path)
-    errors = [ConfigError, DataFormatError, CheckpointError, OSError]
-    tokenizers = sys.modules.get("tradojax.data.tokenizer")  # slow to import; raises only once imported
-    if tokenizers is not None:
-        errors.append(tokenizers.TokenizerError)
-    return tuple(errors)
+    return run_command(name, handler, rest)
 
 
 if __name__ == "__main__":

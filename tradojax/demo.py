@@ -21,7 +21,7 @@ from pathlib import Path
 
 import ml_collections
 
-from tradojax.config import Config, ConfigError, apply_overrides, from_dict, load_config, split_config_args
+from tradojax.config import Config, ConfigError, apply_overrides, from_dict
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -53,9 +53,12 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
-def run_demo(config: Config, out: Path, *, log=print) -> dict:
+def run_demo(config: Config, out: Path, *, log=print, tokenizer=None) -> dict:
+    """The whole demo (module docstring); `tokenizer` defaults to the config's."""
+    # The pipeline is imported here, not at the top: configs/demo.py and configs/rl_tiny.py import
+    # `default_config` from this module, and loading a config must stay light (no jax).
+    from tradojax.bootstrap import load_tokenizer
     from tradojax.data.tasks import load_tasks
-    from tradojax.data.tokenizer import tokenizer_from_name
     from tradojax.evaluation import evaluate
     from tradojax.models.loading import load_policy
     from tradojax.rewards import RewardPool
@@ -64,7 +67,8 @@ def run_demo(config: Config, out: Path, *, log=print) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    tokenizer = tokenizer_from_name(config.tokenizer)
+    if tokenizer is None:
+        tokenizer, _ = load_tokenizer(config)
     train_tasks, held_out = load_tasks(config.data, "train"), load_tasks(config.data, "eval")
     log(f"[1/5] tokenizer ({len(tokenizer)} tokens), {len(train_tasks)} train and {len(held_out)} held-out "
         f"synthetic tasks (difficulty {config.data.synthetic_difficulty}), e.g. {held_out[0].question!r}")
@@ -138,6 +142,7 @@ def demo_table(summary: dict, rl_history: list[dict]) -> dict:
 
 
 def _write_artefacts(out, config, tokenizer, model, held_out, sft_history, rl_history, before, after):
+    # imported here for the reason given in run_demo
     from tradojax.data.templates import math_prompt
     from tradojax.models.hf import save_hf_model
     from tradojax.sampling.block_diffusion import BlockDiffusionSampler
@@ -185,17 +190,18 @@ def _write_artefacts(out, config, tokenizer, model, held_out, sft_history, rl_hi
 
 
 def main(argv: list[str]) -> int:
-    config_path, overrides, rest = split_config_args(argv)
+    from tradojax.bootstrap import bootstrap  # imported here for the reason given in run_demo
+
     parser = argparse.ArgumentParser(prog="tradojax demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    args = parser.parse_args(rest)
-    if config_path is not None:
-        config = load_config(config_path, overrides)
-    else:
+
+    def built_in(overrides: list[str]) -> Config:  # no --config: the demo's own settings
         config_dict = default_config()
         apply_overrides(config_dict, overrides)
-        config = from_dict(Config, config_dict)
-    run_demo(config, Path(args.out))
+        return from_dict(Config, config_dict)
+
+    setup = bootstrap(argv, parser, default_config=built_in, mesh=False)  # the demo runs on one device
+    run_demo(setup.config, Path(setup.args.out), tokenizer=setup.tokenizer)
     return 0
 
 

@@ -2,8 +2,10 @@
 pairs, score them in the reward pool, and report accuracy (avg@k), pass@k for code, average
 length and tokens per denoising step. Used by `tradojax eval` and by the RL and SFT loops.
 
-The tasks go through the sampler in chunks of `eval.chunk_tasks` tasks (the sampler's own
-`sampling.max_active` bounds what is resident on the devices, as in an RL rollout). With a
+The tasks go through the sampler of the model's family in chunks of `eval.chunk_tasks` tasks:
+the block-diffusion engine for SDAR/TraDo, the full-attention sampler for LLaDA and Dream
+(`sampling.full_diffusion.sampler_for`); the sampler's own `sampling.max_active` bounds what is
+resident on the devices, as in an RL rollout. With a
 stream file, every chunk's scored responses are appended to it (one JSON line per response) as
 soon as the chunk is scored, so a killed eval loses at most the chunk in flight; a rerun with the
 same stream skips the chunks it already holds. Chunk c samples with `fold_in(key(seed), c)` (chunk
@@ -30,8 +32,14 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from tradojax.config import Config, ConfigError, SamplingConfig, load_config, split_config_args, to_dict
+from tradojax.bootstrap import bootstrap, check_tokenizer_matches
+from tradojax.config import Config, ConfigError, SamplingConfig, to_dict
 from tradojax.data.readers import CodeTask, MathTask
+from tradojax.data.tasks import load_tasks, task_kind
+from tradojax.data.templates import task_prompt
+from tradojax.models.loading import load_policy
+from tradojax.rewards import RewardPool, score_responses
+from tradojax.sampling.full_diffusion import sampler_for
 
 STREAM_FORMAT = "tradojax-eval-stream/1"
 
@@ -188,11 +196,6 @@ def evaluate(
       on_chunk: called after every finished chunk with its record (strategy, top_k, chunk, tasks,
         seconds); an exception it raises stops the eval (what a kill does, for tests).
     """
-    from tradojax.data.tasks import task_kind
-    from tradojax.data.templates import task_prompt
-    from tradojax.rewards import score_responses
-    from tradojax.sampling.full_diffusion import sampler_for
-
     kind = task_kind(tasks)
     if config.eval.num_tasks:
         tasks = list(tasks)[: config.eval.num_tasks]
@@ -299,7 +302,6 @@ def format_table(results: Sequence[EvalResult]) -> str:
 
 def main(argv: list[str]) -> int:
     """`tradojax eval --config FILE [--config.x=y ...] [--data FILE] [--out FILE] [--fresh]`."""
-    config_path, overrides, rest = split_config_args(argv)
     parser = argparse.ArgumentParser(prog="tradojax eval", description="evaluate a model on a task set")
     parser.add_argument("--data", help="a task file (overrides data.eval): .json/.jsonl/.parquet")
     parser.add_argument("--kind", choices=("math", "code"), help="task kind of --data (overrides data.kind)")
@@ -307,31 +309,18 @@ def main(argv: list[str]) -> int:
                                       "responses stream to the same path with .jsonl, and a rerun resumes from it")
     parser.add_argument("--responses", action="store_true", help="keep every response in the JSON")
     parser.add_argument("--fresh", action="store_true", help="discard the stream of an earlier run instead of resuming")
-    args = parser.parse_args(rest)
-    if config_path is None:
-        parser.error("--config=FILE is required")
-    if args.data:
-        overrides.append(f"data.eval={args.data}")
-    if args.kind:
-        overrides.append(f"data.kind={args.kind}")
-    config = load_config(config_path, overrides)
 
-    from tradojax.parallel.distributed import initialize_from_environment
+    def flags_to_overrides(args: argparse.Namespace, overrides: list[str]) -> None:
+        if args.data:
+            overrides.append(f"data.eval={args.data}")
+        if args.kind:
+            overrides.append(f"data.kind={args.kind}")
 
-    initialize_from_environment()  # a multi-host job (TPU pod / GPU cluster) joins before any device use
-    from tradojax.data.tasks import load_tasks
-    from tradojax.data.tokenizer import special_token_ids, tokenizer_from_name
-    from tradojax.models.loading import load_policy
-    from tradojax.parallel.mesh import make_mesh
-    from tradojax.rewards import RewardPool
-    from tradojax.sampling.commands import check_tokenizer_matches
-
+    setup = bootstrap(argv, parser, check=flags_to_overrides)
+    config, args, tokenizer, mesh = setup.config, setup.args, setup.tokenizer, setup.mesh
     tasks = load_tasks(config.data, "eval")
-    tokenizer = tokenizer_from_name(config.tokenizer)
-    special_ids = special_token_ids(tokenizer)  # a tokenizer without mask/EOS tokens: TokenizerError
-    mesh = make_mesh(config.mesh)
     model = load_policy(config, mesh=mesh)
-    check_tokenizer_matches(model.config, tokenizer, special_ids)
+    check_tokenizer_matches(model.config, tokenizer, setup.special_ids)
     out = Path(args.out or config.eval.output or Path(config.experiment.workdir) / "eval.json")
     stream = out.with_suffix(".jsonl")
     primary = jax.process_index() == 0
@@ -344,7 +333,7 @@ def main(argv: list[str]) -> int:
         return 0
     print(format_table(results))
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload: dict[str, Any] = {"config": config_path, "overrides": overrides, "data": config.data.eval,
+    payload: dict[str, Any] = {"config": setup.config_path, "overrides": setup.overrides, "data": config.data.eval,
                                "stream": str(stream),
                                "results": [r.summary() | ({"responses": r.responses} if args.responses else {})
                                            for r in results]}

@@ -8,49 +8,37 @@ import json
 import sys
 from pathlib import Path
 
-from tradojax.config import ConfigError, load_config, split_config_args
+from flax import nnx
+
+from tradojax.bootstrap import CommandError, bootstrap, check_tokenizer_matches
+from tradojax.checkpoint import Preempted
+from tradojax.data.tasks import load_tasks
+from tradojax.models.loading import export_model, load_policy
+from tradojax.rl.loop import RLTrainer
+from tradojax.sft.warm_start import warm_start
 
 
 def rl_main(argv: list[str]) -> int:
-    config_path, overrides, rest = split_config_args(argv)
     parser = argparse.ArgumentParser(prog="tradojax rl", description="RL (TraceRL, random masking, coupled)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the workdir")
     parser.add_argument("--workdir", help="run directory (default: experiment.workdir)")
     parser.add_argument("--export-hf", metavar="DIR",
                         help="write the final policy (and value model, in DIR/value/) in Hugging Face form")
-    args = parser.parse_args(rest)
-    if config_path is None:
-        parser.error("--config=FILE is required")
-    if args.export_hf and Path(args.export_hf).exists() and any(Path(args.export_hf).iterdir()):
-        # checked now, not after hours of training
-        sys.stderr.write(f"tradojax rl: --export-hf {args.export_hf}: directory exists and is not empty\n")
-        return 2
-    config = load_config(config_path, overrides)
 
-    from tradojax.parallel.distributed import initialize_from_environment
+    def check(args: argparse.Namespace, overrides: list[str]) -> None:
+        if args.export_hf and Path(args.export_hf).exists() and any(Path(args.export_hf).iterdir()):
+            # checked now, not after hours of training
+            raise CommandError(f"--export-hf {args.export_hf}: directory exists and is not empty")
 
-    initialize_from_environment()  # a multi-host job (TPU pod / GPU cluster) joins before any device use
-    from tradojax.data.tasks import load_tasks
-    from tradojax.data.tokenizer import TokenizerError, special_token_ids, tokenizer_from_name
-    from tradojax.models.loading import load_policy
-    from tradojax.parallel.mesh import make_mesh
-    from tradojax.checkpoint import Preempted
-    from tradojax.rl.loop import RLTrainer
-    from tradojax.sampling.commands import check_tokenizer_matches
-
+    # the config, the multi-host join (before any device use), the tokenizer (refused before any
+    # work when missing, garbled or without mask/EOS tokens) and the mesh
+    setup = bootstrap(argv, parser, check=check)
+    config, args, tokenizer, mesh = setup.config, setup.args, setup.tokenizer, setup.mesh
     workdir = Path(args.workdir or config.experiment.workdir)
-    mesh = make_mesh(config.mesh)
-    try:  # a missing or garbled tokenizer, or one without mask/EOS tokens, is refused before any work
-        tokenizer = tokenizer_from_name(config.tokenizer)
-        special_ids = special_token_ids(tokenizer)
-    except TokenizerError as err:
-        raise ConfigError(f"tokenizer: {err}") from None
     train_tasks = load_tasks(config.data, "train")
     policy = load_policy(config, mesh=mesh)
-    check_tokenizer_matches(policy.config, tokenizer, special_ids)  # as `sample` and `sft` do
+    check_tokenizer_matches(policy.config, tokenizer, setup.special_ids)
     if config.warm_start is not None:
-        from tradojax.sft.warm_start import warm_start
-
         print(f"warm start: {config.warm_start.steps} SFT steps before RL (in {workdir / 'warm_start'})", flush=True)
         try:
             policy, _ = warm_start(config, policy, tokenizer, train_tasks, workdir=workdir / "warm_start",
@@ -91,10 +79,6 @@ def rl_main(argv: list[str]) -> int:
             return 0
     print(f"done: {config.rl.steps} steps; metrics in {workdir}/metrics.jsonl, checkpoints in {workdir}/checkpoints")
     if args.export_hf:
-        from flax import nnx
-
-        from tradojax.models.loading import export_model
-
         value = nnx.merge(trainer.value_graphdef, trainer.value_params) if config.rl.value_model else None
         out = export_model(trainer.sampler_model(), args.export_hf, value=value, tokenizer=tokenizer)
         print(f"exported the policy in Hugging Face form to {out}"

@@ -6,8 +6,9 @@
     tradojax trace-view --config configs/tiny.py --from out.jsonl [--row 0] --out trace.html
 
 Weights come from `hf_checkpoint` (a local Hugging Face directory or a tradojax params checkpoint)
-or, when it is unset, a random initialisation (said so on stderr). The tokenizer is `tokenizer` ("tiny", "qwen3" or a directory;
-unset: the checkpoint directory). Prompts are user messages rendered with the tokenizer's chat
+or, when it is unset, a random initialisation (said so on stderr). The tokenizer is `tokenizer`
+("tiny", "qwen3" or a directory; unset: the checkpoint directory's, else "tiny";
+`tradojax.bootstrap.tokenizer_name`). Prompts are user messages rendered with the tokenizer's chat
 template unless `--raw`.
 """
 
@@ -21,12 +22,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tradojax.config import Config, ConfigError, load_config, split_config_args
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+from tradojax.bootstrap import CommandError, Setup, bootstrap, check_tokenizer_matches, one_device_or_mesh, user_errors
+from tradojax.config import Config
 from tradojax.data import readers
-
-
-class CommandError(ValueError):
-    """A user-facing problem with arguments or input files (printed without a traceback)."""
+from tradojax.data.templates import encode_text, render_user_turn
+from tradojax.models.loading import load_policy
+from tradojax.sampling.block_diffusion import BlockDiffusionSampler, Progress
+from tradojax.sampling.full_diffusion import FullDiffusionSampler
+from tradojax.sampling.trace_view import token_pieces, write_trace_page
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,87 +92,44 @@ def read_prompts_file(path: str | Path) -> list[str]:
     return prompts
 
 
-def load_tokenizer_for(config: Config) -> tuple[Any, dict[str, int]]:
-    """The tokenizer named by `config.tokenizer` (else the checkpoint directory's) and its special
-    ids (`tradojax.data.tokenizer.special_token_ids`)."""
-    from tradojax.data import tokenizer as tokenizers
-
-    name = config.tokenizer
-    if name is None:
-        if config.hf_checkpoint is None:
-            raise ConfigError("tokenizer: not set; give 'tiny', 'qwen3' or a tokenizer directory "
-                              "(or hf_checkpoint, whose directory holds one)")
-        name = config.hf_checkpoint
-    try:
-        tokenizer = tokenizers.tokenizer_from_name(name)
-        ids = tokenizers.special_token_ids(tokenizer)
-    except tokenizers.TokenizerError as err:
-        raise ConfigError(f"tokenizer: {err}") from None
-    return tokenizer, ids
-
-
-def check_tokenizer_matches(model_config: Any, tokenizer: Any, ids: dict[str, int]) -> None:
-    if ids["mask_id"] != model_config.mask_token_id:
-        raise ConfigError(f"model.mask_token_id: {model_config.mask_token_id} but the tokenizer's mask token "
-                          f"is {ids['mask_id']}")
-    if ids["eos_id"] != model_config.eos_token_id:
-        raise ConfigError(f"model.eos_token_id: {model_config.eos_token_id} but the tokenizer's eos token "
-                          f"is {ids['eos_id']}")
-    if len(tokenizer) > model_config.vocab_size:
-        raise ConfigError(f"model.vocab_size: {model_config.vocab_size} is smaller than the tokenizer's "
-                          f"{len(tokenizer)} tokens")
-
-
 def load_model_for(config: Config, mesh: Any = None) -> Any:
     """The Decoder: from `hf_checkpoint` (a Hugging Face directory or a tradojax params checkpoint),
     else randomly initialised from `config.model` (said so on stderr)."""
-    from tradojax.models.loading import load_policy
-
     if config.hf_checkpoint is None:
         sys.stderr.write(f"note: hf_checkpoint is not set: random weights (seed {config.experiment.seed})\n")
     return load_policy(config, mesh=mesh)
 
 
-def _mesh_for(config: Config):
-    import jax
-
-    if len(jax.devices()) == 1:
-        return None
-    from tradojax.parallel.mesh import make_mesh
-
-    return make_mesh(config.mesh)
-
-
 def encode_prompts(tokenizer: Any, texts: list[str], raw: bool) -> list[list[int]]:
-    from tradojax.data.templates import encode_text, render_user_turn
-
     return [list(encode_text(tokenizer, text if raw else render_user_turn(tokenizer, text))) for text in texts]
 
 
-def _config_and_rest(argv: list[str], command: str) -> tuple[Config, list[str]]:
-    path, overrides, rest = split_config_args(argv)
-    if path is None:
-        raise CommandError(f"{command}: --config FILE is required (e.g. --config configs/tiny.py)")
-    return load_config(path, overrides), rest
+def _sample(setup: Setup, prompt_texts: list[str], raw: bool, show_progress: bool, seed: int | None):
+    """The model (placed on the mesh when there are several devices), checked against the tokenizer,
+    and the rollout of the prompts, as numpy arrays."""
+    mesh = one_device_or_mesh(setup.mesh)
+    model = load_model_for(setup.config, mesh)
+    check_tokenizer_matches(model.config, setup.tokenizer, setup.special_ids)
+    try:
+        prompt_ids = encode_prompts(setup.tokenizer, prompt_texts, raw)
+        return prompt_ids, _run_sampler(setup.config, model, prompt_ids, show_progress, seed, mesh).to_numpy()
+    except (ValueError, TypeError) as err:  # prompts the sampler refuses (too long for its buckets, ...)
+        if isinstance(err, user_errors()):
+            raise
+        raise CommandError(str(err)) from None
 
 
 def _run_sampler(config: Config, model: Any, prompt_ids: list[list[int]], show_progress: bool, seed: int | None,
                  mesh: Any = None):
-    from tradojax.sampling.block_diffusion import BlockDiffusionSampler, Progress
-
     rng = config.sampling.seed if seed is None else seed
     if model.config.family in ("llada", "dream"):  # full attention: the semi-autoregressive canvas sampler
-        from tradojax.sampling.full_diffusion import FullDiffusionSampler
-
         return FullDiffusionSampler(model, config.sampling, mesh=mesh).generate(prompt_ids, rng=rng)
     sampler = BlockDiffusionSampler(model, config.sampling, mesh=mesh)
     if not show_progress:
         return sampler.generate(prompt_ids, rng=rng)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
-
     with Bar(TextColumn("[bold]sampling"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
              TextColumn("{task.fields[rows]}"), TimeElapsedColumn(), transient=False,
-             console=_stderr_console()) as bar:
+             console=Console(stderr=True)) as bar:
         budget = len(prompt_ids) * config.sampling.num_samples * config.sampling.max_new_tokens
         task = bar.add_task("sampling", total=budget, rows="")
 
@@ -177,12 +140,6 @@ def _run_sampler(config: Config, model: Any, prompt_ids: list[list[int]], show_p
 
         return sampler.generate(prompt_ids, rng=rng, progress=update,
                                 iterations_per_call=config.sampling.denoising_steps + 1)
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,31 +164,20 @@ def _sample_parser() -> argparse.ArgumentParser:
 
 def sample_main(argv: list[str]) -> int:
     """`tradojax sample`: prints every response; returns the exit code."""
-    parser = _sample_parser()
-    if any(a in ("-h", "--help") for a in argv):
-        parser.print_help()
-        return 0
-    try:
-        config, rest = _config_and_rest(argv, "tradojax sample")
-        args = parser.parse_args(rest)
-        texts = list(args.prompt)
+    texts: list[str] = []
+
+    def check(args: argparse.Namespace, overrides: list[str]) -> None:
+        texts.extend(args.prompt)
         if args.prompts_file:
-            texts += read_prompts_file(args.prompts_file)
+            texts.extend(read_prompts_file(args.prompts_file))
         if not texts:
-            raise CommandError("tradojax sample: give --prompt TEXT or --prompts-file FILE")
-        tokenizer, ids = load_tokenizer_for(config)
-        mesh = _mesh_for(config)
-        model = load_model_for(config, mesh)
-        check_tokenizer_matches(model.config, tokenizer, ids)
-        prompt_ids = encode_prompts(tokenizer, texts, args.raw)
-        start = time.perf_counter()
-        rollout = _run_sampler(config, model, prompt_ids, not args.no_progress, args.seed, mesh).to_numpy()
-        seconds = time.perf_counter() - start
-    except (CommandError, ValueError, TypeError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        sys.stderr.write(f"{err}\n")
-        return 2
+            raise CommandError("give --prompt TEXT or --prompts-file FILE")
+
+    setup = bootstrap(argv, _sample_parser(), check=check)
+    config, args, tokenizer = setup.config, setup.args, setup.tokenizer
+    start = time.perf_counter()
+    _, rollout = _sample(setup, texts, args.raw, not args.no_progress, args.seed)
+    seconds = time.perf_counter() - start
 
     records = []
     for row in range(rollout.tokens.shape[0]):
@@ -310,40 +256,27 @@ def _record_from_file(path: str, row: int) -> dict[str, Any]:
 
 def trace_view_main(argv: list[str]) -> int:
     """`tradojax trace-view`: writes the HTML page; returns the exit code."""
-    from tradojax.sampling.trace_view import token_pieces, write_trace_page
-
-    parser = _trace_parser()
-    if any(a in ("-h", "--help") for a in argv):
-        parser.print_help()
-        return 0
+    setup = bootstrap(argv, _trace_parser())
+    config, args, tokenizer = setup.config, setup.args, setup.tokenizer
+    s = config.sampling
+    meta = {"block size": s.block_size, "denoising steps": s.denoising_steps, "strategy": s.remasking_strategy}
+    if args.from_file:
+        record = _record_from_file(args.from_file, args.row)
+        token_ids, steps, prompt = record["token_ids"], record["step_map"], str(record.get("prompt", ""))
+        meta = {"source": f"{args.from_file} row {args.row}"}
+    else:
+        single = dataclasses.replace(config, sampling=dataclasses.replace(s, num_samples=1))
+        prompt_ids, rollout = _sample(dataclasses.replace(setup, config=single), [args.prompt], args.raw, True,
+                                      args.seed)
+        n = int(rollout.lengths[0])
+        token_ids, steps = rollout.tokens[0, :n].tolist(), rollout.trace[0, :n].tolist()
+        prompt = tokenizer.decode(prompt_ids[0], skip_special_tokens=False)
+    if not token_ids:
+        raise CommandError("the response is empty: nothing to replay")
+    pieces, special = token_pieces(tokenizer, token_ids)
     try:
-        config, rest = _config_and_rest(argv, "tradojax trace-view")
-        args = parser.parse_args(rest)
-        tokenizer, ids = load_tokenizer_for(config)
-        s = config.sampling
-        meta = {"block size": s.block_size, "denoising steps": s.denoising_steps, "strategy": s.remasking_strategy}
-        if args.from_file:
-            record = _record_from_file(args.from_file, args.row)
-            token_ids, steps, prompt = record["token_ids"], record["step_map"], str(record.get("prompt", ""))
-            meta = {"source": f"{args.from_file} row {args.row}"}
-        else:
-            mesh = _mesh_for(config)
-            model = load_model_for(config, mesh)
-            check_tokenizer_matches(model.config, tokenizer, ids)
-            prompt_ids = encode_prompts(tokenizer, [args.prompt], args.raw)
-            single = dataclasses.replace(config, sampling=dataclasses.replace(s, num_samples=1))
-            rollout = _run_sampler(single, model, prompt_ids, True, args.seed, mesh).to_numpy()
-            n = int(rollout.lengths[0])
-            token_ids, steps = rollout.tokens[0, :n].tolist(), rollout.trace[0, :n].tolist()
-            prompt = tokenizer.decode(prompt_ids[0], skip_special_tokens=False)
-        if not token_ids:
-            raise CommandError("the response is empty: nothing to replay")
-        pieces, special = token_pieces(tokenizer, token_ids)
         path = write_trace_page(args.out, pieces, steps, special, prompt=prompt, meta=meta)
-    except (CommandError, ValueError, TypeError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        sys.stderr.write(f"{err}\n")
-        return 2
+    except ValueError as err:  # a --from record whose steps cannot be replayed (e.g. a step < 1)
+        raise CommandError(f"{args.from_file or 'the sampled trace'}: {err}") from None
     sys.stdout.write(f"wrote {path} ({len(token_ids)} tokens, {max(steps)} steps)\n")
     return 0
