@@ -15,3 +15,13 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_compilation_cache_dir", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The built-in tiny BPE tokenizer (a config's `tokenizer: "tiny"`), built once per test session."""
+    from tradojax.data.tokenizer import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()

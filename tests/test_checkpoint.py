@@ -14,11 +14,10 @@ from flax import nnx
 
 from tradojax.checkpoint import (COMMIT_MARKER, CheckpointError, TrainCheckpointer, find_training_steps,
                                  read_training_step, tree_fingerprints)
-from tradojax.config import ModelConfig
+from helpers import MICRO_MODEL
 from tradojax.models.transformer import Decoder
 
-CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
-                     num_kv_heads=1, head_dim=16)
+CONFIG = MICRO_MODEL
 
 
 @jax.jit

@@ -1,23 +1,25 @@
 """Config files, overrides and validation errors that name the field."""
 
+import dataclasses
 import textwrap
 
 import pytest
 
+from helpers import config_path
 from tradojax.config import Config, ConfigError, ModelConfig, from_dict, load_config, split_config_args
 
 
 def test_repo_configs_load_with_documented_architectures():
-    tiny = load_config("configs/tiny.py")
+    tiny = load_config(config_path("tiny.py"))
     assert tiny.model.num_layers == 2 and tiny.model.vocab_size == 512
-    four = load_config("configs/trado_4b.py")
+    four = load_config(config_path("trado_4b.py"))
     m = four.model
     assert (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.intermediate_size) == (
         2560, 36, 32, 8, 128, 9728)
     assert (m.mask_token_id, m.eos_token_id, m.pad_token_id, m.rope_theta) == (151669, 151643, 151643, 1e6)
     assert not m.tie_word_embeddings
     assert 4.0e9 < m.num_params() < 4.5e9  # SDAR-4B-Chat: 4.41B with its untied head
-    eight = load_config("configs/trado_8b.py").model
+    eight = load_config(config_path("trado_8b.py")).model
     assert (eight.hidden_size, eight.intermediate_size) == (4096, 12288)
     assert 8.0e9 < eight.num_params() < 8.3e9
 
@@ -45,7 +47,7 @@ def test_command_line_overrides():
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        load_config("configs/tiny.py", [override])
+        load_config(config_path("tiny.py"), [override])
 
 
 def test_unknown_fields_and_sections_are_rejected(tmp_path):
@@ -54,7 +56,7 @@ def test_unknown_fields_and_sections_are_rejected(tmp_path):
     with pytest.raises(ConfigError, match=r"modle: unknown field"):
         from_dict(Config, {"modle": {}})
     with pytest.raises(ConfigError, match="model.nope"):
-        load_config("configs/tiny.py", ["model.nope.x=1"])
+        load_config(config_path("tiny.py"), ["model.nope.x=1"])
 
 
 def test_bad_config_files(tmp_path):
@@ -104,7 +106,7 @@ def test_config_files_that_raise_or_exit(tmp_path, body, message):
 ])
 def test_override_mistakes_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config("configs/rl_tiny.py", [override])
+        load_config(config_path("rl_tiny.py"), [override])
 
 
 def test_override_into_a_section_left_at_none(tmp_path):
@@ -115,6 +117,6 @@ def test_override_into_a_section_left_at_none(tmp_path):
 
 def test_config_is_frozen_and_hashable():
     config = ModelConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.num_layers = 4  # type: ignore[misc]
     assert hash(config) == hash(ModelConfig())

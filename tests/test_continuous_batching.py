@@ -7,13 +7,14 @@ import jax
 import numpy as np
 import pytest
 
-from tradojax.config import MeshConfig, ModelConfig, SamplingConfig
+from helpers import TINY_MODEL
+from tradojax.config import MeshConfig, SamplingConfig
 from tradojax.models.transformer import abstract_model, init_model
 from tradojax.parallel.mesh import make_mesh
 from tradojax.sampling import block_diffusion as bd
 from tradojax.sampling.block_diffusion import BlockDiffusionSampler
 
-MODEL_CONFIG = ModelConfig()  # tiny: vocab 512, mask 3, eos 0, pad 0
+MODEL_CONFIG = TINY_MODEL  # vocab 512, mask 3, eos 0, pad 0
 MODEL = init_model(MODEL_CONFIG, seed=0)
 RNG = np.random.RandomState(1)
 PROMPTS = [RNG.randint(4, MODEL_CONFIG.vocab_size, size=n).tolist() for n in (3, 9, 14, 8, 5)]

@@ -30,7 +30,8 @@ def problem():
 
     from tradojax.config import ModelConfig, TrainConfig
     from tradojax.models.transformer import init_model
-    from tradojax.training.rows import block_sft_masks, pack_rows
+    from tradojax.training.row_masks import random_mask
+    from tradojax.training.rows import pack_rows
     from tradojax.training.step import make_optimizer
 
     config = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -43,7 +44,8 @@ def problem():
     rng = np.random.default_rng(7)
     prompts = [rng.integers(4, 512, size=rng.integers(5, PROMPT_LENGTH + 1)) for _ in range(ROWS)]
     responses = [rng.integers(4, 512, size=rng.integers(3, RESPONSE_LENGTH + 1)) for _ in range(ROWS)]
-    noisy, trained = block_sft_masks([len(r) for r in responses], RESPONSE_LENGTH, rng, 0.2, 0.8)
+    noisy, trained = zip(*[random_mask(len(r), RESPONSE_LENGTH, lower_p=0.2, upper_p=0.8, post_num=0, rng=rng)
+                           for r in responses])
     rows = pack_rows(prompts, responses, noisy, trained, prompt_length=PROMPT_LENGTH,
                      response_length=RESPONSE_LENGTH, pad_id=0, mask_id=3, block_size=4)
     return graphdef, params, tx, rows

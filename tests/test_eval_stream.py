@@ -9,9 +9,9 @@ import pytest
 
 import jax
 
+from helpers import config_path
 from tradojax.config import ConfigError, MeshConfig, load_config
 from tradojax.data.tasks import load_tasks
-from tradojax.data.tokenizer import tokenizer_from_name
 from tradojax.evaluation import evaluate
 from tradojax.models.transformer import init_model
 from tradojax.parallel.mesh import make_mesh
@@ -26,9 +26,9 @@ class Stop(Exception):
 
 
 @pytest.fixture(scope="module")
-def setup():
-    config = load_config("configs/tiny.py", OVERRIDES)
-    return config, init_model(config.model, seed=3), tokenizer_from_name("tiny"), load_tasks(config.data, "eval")
+def setup(tokenizer):
+    config = load_config(config_path("tiny.py"), OVERRIDES)
+    return config, init_model(config.model, seed=3), tokenizer, load_tasks(config.data, "eval")
 
 
 def stream_lines(path):

@@ -17,14 +17,14 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from tradojax import cli
+from helpers import TINY_MODEL
 from tradojax.config import MeshConfig, ModelConfig
 from tradojax.models import hf
 from tradojax.models.transformer import abstract_model, param_paths
 from tradojax.parallel.mesh import make_mesh
 from tradojax.parallel.sharding import param_sharding
 
-TINY = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                   num_kv_heads=2, head_dim=16, block_size=4, mask_token_id=3, eos_token_id=1, pad_token_id=2)
+TINY = dataclasses.replace(TINY_MODEL, eos_token_id=1, pad_token_id=2)  # distinct ids: exports keep each
 FAMILIES = {
     "sdar": TINY,
     "dream": dataclasses.replace(TINY, family="dream", qk_norm=False, qkv_bias=True),

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tradojax.config import MeshConfig, ModelConfig
+from helpers import TINY_MODEL
+from tradojax.config import MeshConfig
 from tradojax.models.transformer import KVCache, apply, init_model, per_layer_view
 from tradojax.ops import attention as attention_ops
 from tradojax.ops.masks import MaskRule, inference_segments
 from tradojax.parallel.mesh import batch_sharding, make_mesh
 from tradojax.parallel.sharding import shard_params, state_shardings
 
-CONFIG = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=128)
+CONFIG = dataclasses.replace(TINY_MODEL, vocab_size=128)
 
 
 def block_causal_logits(model, tokens, block_size):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tradojax.data.readers import code_task_from_dict
 from tradojax.rewards import RewardPool, SandboxLimits, extract_program, parse_code_task, score_code
 from tradojax.rewards import sandbox
 from tradojax.rewards.sandbox import list_sandbox_processes, probe_isolation
@@ -123,7 +124,18 @@ def test_parse_code_task_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="'test_list' is empty"):
         parse_code_task(function_item([]))
     task = parse_code_task({"test_method": "stdio", "test_input": ["1"], "test_output": [2]})
-    assert task.time_limit_s == 1.0 and task.outputs == ("2",)
+    assert task.test_time_limit == 1.0 and task.test_output == ("2",)
+
+
+def test_rewards_take_the_data_layers_code_task() -> None:
+    """One task type: a reader's CodeTask is scored as is, and its JSON form parses back to it."""
+    task = code_task_from_dict({"question": "Add.", "test_method": "function", "test_time_limit": 2,
+                                "test_list": ["assert add(1, 2) == 3"], "prefix": "def add(a, b):\n"})
+    assert parse_code_task(task) is task
+    assert parse_code_task(task.to_dict()) == task
+    stdio = code_task_from_dict({"question": "Echo.", "test_method": "stdio", "test_input": ["7\n"],
+                                 "test_output": ["7"]})
+    assert parse_code_task(stdio.to_dict()) == stdio
 
 
 # -- semantics (direct calls, no pool) ---------------------------------------------------------

@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 
 from tradojax.ops.masks import BlockAlignment
-from tradojax.rl.advantages import (difficulty_filter, group_zscore, outcome_token_rewards, trace_gae,
-                                    truncation_penalty)
+from tradojax.rl.advantages import difficulty_filter, group_zscore, outcome_token_rewards, trace_gae
 from tradojax.rl.losses import kl_estimate, policy_loss, value_loss
-from tradojax.training.traces import shrink_steps, trace_rounds
+from tradojax.training.row_masks import shrink_steps, trace_rounds
 
 TRACE = np.array([2, 1, 1, 3, 5, 4])  # 6 generated tokens; b = 4, prompt of 4 (blocks agree)
 
@@ -64,14 +63,13 @@ def test_trace_rounds_bad_input():
         trace_rounds(np.array([1]), 2, response_length=4, prompt_length=2, block_size=4)
 
 
-def test_group_zscore_filter_and_truncation():
+def test_group_zscore_and_difficulty_filter():
     correct = np.array([[1, 0, 0, 1], [1, 1, 1, 1], [0, 0, 0, 1]], float)
     z = group_zscore(correct)
     np.testing.assert_allclose(z[0], [1, -1, -1, 1])  # mean .5, population std .5
     np.testing.assert_allclose(z[1], 0)
     np.testing.assert_allclose(z[2], [-1 / np.sqrt(3)] * 3 + [np.sqrt(3)])
     np.testing.assert_array_equal(difficulty_filter(correct, 0.2, 0.8), [True, False, True])
-    np.testing.assert_array_equal(truncation_penalty([1, 1, 1], [10, 95, 94], 100), [True, False, True])
 
 
 def test_gae_special_cases_and_hand_numbers():
@@ -153,12 +151,12 @@ def test_coupled_rows_are_complements_and_random_rows_match_spec():
 
 def test_value_model_starts_from_the_policy_with_zero_values():
     import jax
-    from tradojax.config import ModelConfig
+    from helpers import TINY_MODEL
     from tradojax.models.transformer import init_model
     from tradojax.models.value import value_model_from_policy
     from tradojax.ops.masks import inference_segments
 
-    policy = init_model(ModelConfig(), seed=3)
+    policy = init_model(TINY_MODEL, seed=3)
     value = value_model_from_policy(policy)
     np.testing.assert_array_equal(value.backbone.layers.q_proj[...], policy.layers.q_proj[...])
     tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 512)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import config_path
 from tradojax import cli
 from tradojax.checkpoint import COMMIT_MARKER, CheckpointError, TrainCheckpointer
 from tradojax.config import load_config, to_dict
@@ -23,7 +24,7 @@ from tradojax.models.transformer import apply, init_model
 from tradojax.ops import masks
 
 TOLERANCE = 1e-5  # max |logit (value) difference| in float32; logits and values are O(1..10)
-TINY_RL = ["--config", "configs/rl_tiny.py", "--config.warm_start.steps=2", "--config.warm_start.batch_size=8",
+TINY_RL = ["--config", config_path("rl_tiny.py"), "--config.warm_start.steps=2", "--config.warm_start.batch_size=8",
            "--config.rl.steps=1", "--config.rl.num_tasks_per_step=2", "--config.rl.num_responses_per_task=2",
            "--config.train.batch_size=8", "--config.sampling.max_new_tokens=8", "--config.rl.reward_workers=1",
            "--config.data.synthetic_train_size=40", "--config.data.synthetic_eval_size=2",
@@ -122,7 +123,7 @@ def test_sample_and_eval_read_the_run_directory(rl_run, tmp_path, capsys):
     outputs = {}
     for name, source in (("run", run), ("export", export)):
         out = tmp_path / f"{name}.jsonl"
-        code = cli.main(["sample", "--config", "configs/rl_tiny.py", f"--config.hf_checkpoint={source}",
+        code = cli.main(["sample", "--config", config_path("rl_tiny.py"), f"--config.hf_checkpoint={source}",
                          "--config.sampling.max_new_tokens=8", "--prompt", "Which is largest: 3 7 1 2?",
                          "--seed", "1", "--no-progress", "--output", str(out)])
         assert code == 0
@@ -145,7 +146,7 @@ def test_sft_export_and_export_hf_of_the_run_agree(tmp_path, capsys):
     """`tradojax sft --export-hf` and `tradojax export-hf RUN` write the same model, block-size
     adaptation included (the step records the adapted model config)."""
     workdir, direct, later = tmp_path / "run", tmp_path / "direct", tmp_path / "later"
-    code = cli.main(["sft", "--config", "configs/sft_tiny.py", "--synthetic", "16", "--config.train.steps=1",
+    code = cli.main(["sft", "--config", config_path("sft_tiny.py"), "--synthetic", "16", "--config.train.steps=1",
                      "--config.train.block_size=8", "--workdir", str(workdir), "--export-hf", str(direct)])
     assert code == 0
     assert cli.main(["export-hf", str(workdir), str(later)]) == 0
@@ -162,7 +163,7 @@ def test_sft_export_and_export_hf_of_the_run_agree(tmp_path, capsys):
 def test_a_run_directory_reads_as_a_model(tmp_path, capsys):
     """Steps saved as the trainers save them read back as models: the step's own model config
     (`meta["model"]`) wins over the run config's (`meta["config"]["model"]`, all older runs have)."""
-    config = load_config("configs/tiny.py")
+    config = load_config(config_path("tiny.py"))
     old_style, new_style = init_model(config.model, seed=3), init_model(config.model, seed=4)
     checkpointer = TrainCheckpointer(tmp_path / "run" / "checkpoints", log=lambda _: None)
     checkpointer.save(5, {"policy": nnx.state(old_style)}, {"step": 5, "config": to_dict(config)})
@@ -197,7 +198,7 @@ def test_a_run_directory_reads_as_a_model(tmp_path, capsys):
 def test_rl_refuses_a_full_export_directory_before_training(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "model.safetensors").write_bytes(b"keep me")
-    assert cli.main(["rl", "--config", "configs/rl_tiny.py", "--workdir", str(tmp_path / "run"),
+    assert cli.main(["rl", "--config", config_path("rl_tiny.py"), "--workdir", str(tmp_path / "run"),
                      "--export-hf", str(tmp_path / "out")]) == 2
     assert f"--export-hf {tmp_path / 'out'}: directory exists and is not empty" in capsys.readouterr().err
     assert not (tmp_path / "run").exists() and (tmp_path / "out" / "model.safetensors").read_bytes() == b"keep me"

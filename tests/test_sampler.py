@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from tradojax.config import ConfigError, MeshConfig, ModelConfig, SamplingConfig
+from helpers import TINY_MODEL
+from tradojax.config import ConfigError, MeshConfig, SamplingConfig
 from tradojax.models.transformer import apply, init_model
 from tradojax.ops.masks import MaskRule, inference_segments
 from tradojax.parallel.mesh import make_mesh
@@ -25,7 +26,7 @@ from tradojax.sampling.block_diffusion import (
     prompt_bucket,
 )
 
-MODEL_CONFIG = ModelConfig()  # tiny: vocab 512, mask 3, eos 0, pad 0
+MODEL_CONFIG = TINY_MODEL  # vocab 512, mask 3, eos 0, pad 0
 MODEL = init_model(MODEL_CONFIG, seed=0)
 RNG = np.random.RandomState(0)
 # lengths 3, 9, 14, 8: with b=8 the prompt residuals are 3, 1, 6, 0; with b=4 they are 3, 1, 2, 0
@@ -495,7 +496,7 @@ def test_generate_function_is_the_sampler(greedy_runs):
 def test_rollout_params_halve_the_streamed_bytes_and_keep_rollouts_bit_identical():
     """f32 master weights with bf16 compute: the sampler streams bf16 copies of the weights the
     model casts at use (so its rollouts are the ones the f32 weights give) and leaves the rest."""
-    config = ModelConfig(param_dtype="float32", compute_dtype="bfloat16")
+    config = dataclasses.replace(TINY_MODEL, param_dtype="float32", compute_dtype="bfloat16")
     model = init_model(config, seed=3)
     graphdef, params = nnx.split(model)
     streamed = bd.rollout_params(params, config)

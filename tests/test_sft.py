@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import config_path
 from tradojax.config import ConfigError, MeshConfig, load_config
 from tradojax.models.transformer import apply, init_model
-from tradojax.ops.masks import BlockAlignment, MaskRule, full_segments
+from tradojax.ops.masks import BlockAlignment, MaskRule
 from tradojax.parallel.mesh import make_mesh
 from tradojax.parallel.sharding import state_shardings
 from tradojax.rl.methods import row_builder
@@ -23,10 +24,10 @@ from tradojax.sft.batches import BatchPlan, assign_buckets
 from tradojax.sft.commands import sft_main
 from tradojax.sft.config import SFTConfig
 from tradojax.sft.data import synthetic_pair, synthetic_sft_pairs
-from tradojax.sft.losses import full_sft_loss
-from tradojax.sft.rows import full_trace_masks, pack_full_rows, random_masking_masks, semi_ar_masks
 from tradojax.sft.trainer import Preempted, SFTPair, SFTTrainer, sft_rows
-from tradojax.training.rows import pack_rows
+from tradojax.training.row_masks import full_trace_masks, random_masking_masks, semi_ar_masks
+from tradojax.training.rows import RowLayout, pack_rows
+from tradojax.training.step import sft_loss
 
 # One optimizer for the in-process tests (a constant schedule: the compiled update does not depend
 # on train.steps), so trainers of the same model and row shapes share one compiled step.
@@ -37,7 +38,7 @@ TWO_BUCKETS = SFTConfig(min_bucket=16)  # synthetic prompts of 26-40 tokens fall
 
 
 def sft_config(*extra):
-    return load_config("configs/sft_tiny.py", OVERRIDES + list(extra))
+    return load_config(config_path("sft_tiny.py"), OVERRIDES + list(extra))
 
 
 @pytest.fixture(scope="module")
@@ -146,12 +147,14 @@ def test_full_trace_rows_by_hand():
         ({0, 1, 2, 3, 4, 5}, {0, 1, 2}), ({3, 4, 5}, {3})]
 
 
-def test_pack_full_rows_layout():
-    rows = pack_full_rows([np.array([7, 8, 9])], [np.array([11, 12])], [np.array([False, True, True, True])],
-                          [np.array([False, True, False, False])], prompt_length=5, response_length=4, pad_id=0,
-                          mask_id=3)
+def test_pack_single_stream_rows_layout():
+    rows = pack_rows([np.array([7, 8, 9])], [np.array([11, 12])], [np.array([False, True, True, True])],
+                     [np.array([False, True, False, False])], prompt_length=5, response_length=4, pad_id=0,
+                     mask_id=3, layout=RowLayout.SINGLE_STREAM)
     np.testing.assert_array_equal(rows.tokens, [[0, 0, 7, 8, 9, 11, 3, 3, 3]])
-    np.testing.assert_array_equal(rows.valid, [[False, False, True, True, True, True, True, True, True]])
+    assert rows.prompt_length == 5 and rows.response_length == 4
+    np.testing.assert_array_equal(rows.segments.valid, [[False, False, True, True, True, True, True, True, True]])
+    assert not rows.segments.block.any() and not rows.segments.kind.any()  # one block: the full mask
     np.testing.assert_array_equal(rows.positions, [[0, 0, 0, 1, 2, 3, 4, 5, 6]])
     np.testing.assert_array_equal(rows.targets, [[11, 12, 0, 0]])
 
@@ -175,9 +178,10 @@ def test_full_attention_loss_matches_float64_hand_computation(family):
     rows = sft_rows(pairs, config, rng, mode="random_masking", prompt_length=8, response_length=8,
                     mask_times_per_sample=2)
     graphdef, params = nnx.split(model)
-    loss, metrics = jax.jit(lambda p, r: full_sft_loss(nnx.merge(graphdef, p), r))(params, rows)
+    assert rows.layout is RowLayout.SINGLE_STREAM
+    loss, metrics = jax.jit(lambda p, r: sft_loss(nnx.merge(graphdef, p), r, None, normalization="tokens"))(params, rows)
     logits = np.asarray(apply(graphdef, params, jnp.asarray(rows.tokens), jnp.asarray(rows.positions),
-                              full_segments(jnp.asarray(rows.valid)), MaskRule.FULL), np.float64)
+                              jax.tree.map(jnp.asarray, rows.segments), MaskRule.FULL), np.float64)
     shift = 1 if family == "dream" else 0
     response_logits = logits[:, 8 - shift: 16 - shift]
     top = response_logits.max(-1, keepdims=True)
@@ -355,7 +359,7 @@ def test_buckets_pow2_multiple_single():
 
 def test_cli_runs_end_to_end_and_writes_a_checkpoint(tmp_path, capsys):
     workdir = tmp_path / "run"
-    code = sft_main(["--config", "configs/sft_tiny.py", "--synthetic", "64", "--config.train.steps=3",
+    code = sft_main(["--config", config_path("sft_tiny.py"), "--synthetic", "64", "--config.train.steps=3",
                      "--workdir", str(workdir)])
     assert code == 0
     assert (workdir / "checkpoints" / "3").is_dir()
@@ -366,20 +370,20 @@ def test_cli_runs_end_to_end_and_writes_a_checkpoint(tmp_path, capsys):
 
 def test_cli_bad_input_names_the_file_and_line(tmp_path, capsys):
     missing = tmp_path / "missing.jsonl"
-    assert sft_main(["--config", "configs/sft_tiny.py", "--data", str(missing)]) == 2
+    assert sft_main(["--config", config_path("sft_tiny.py"), "--data", str(missing)]) == 2
     assert f"{missing}: file does not exist" in capsys.readouterr().err
 
     bad = tmp_path / "bad.jsonl"
     good = {"prompt": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "response": "ok<|im_end|>"}
     bad.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "x", "answer": "y"}) + "\n")
-    assert sft_main(["--config", "configs/sft_tiny.py", "--data", str(bad)]) == 2
+    assert sft_main(["--config", config_path("sft_tiny.py"), "--data", str(bad)]) == 2
     assert f"{bad}: line 2: field 'response': missing required field" in capsys.readouterr().err
 
     negative = tmp_path / "negative.json"
     negative.write_text(json.dumps([good, dict(good, step_map=[1, -2])]))
-    assert sft_main(["--config", "configs/sft_tiny.py", "--data", str(negative), "--mode", "trace"]) == 2
+    assert sft_main(["--config", config_path("sft_tiny.py"), "--data", str(negative), "--mode", "trace"]) == 2
     assert f"{negative}: item 1: field 'step_map': decoding steps must be >= 0" in capsys.readouterr().err
 
     with pytest.raises(SystemExit):
-        sft_main(["--config", "configs/sft_tiny.py"])  # no data source
+        sft_main(["--config", config_path("sft_tiny.py")])  # no data source
     assert "--data FILE or --synthetic N" in capsys.readouterr().err

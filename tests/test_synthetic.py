@@ -113,11 +113,9 @@ def test_answers_pass_math_verify():
         assert not verify(gold, parse(f"\\boxed{{{int(task.ground_truth_answer) + 1}}}"))
 
 
-def test_prompt_and_solution_fit_a_tiny_context():
+def test_prompt_and_solution_fit_a_tiny_context(tokenizer):
     from tradojax.data.templates import math_prompt
-    from tradojax.data.tokenizer import build_tiny_tokenizer
 
-    tokenizer = build_tiny_tokenizer()
     tasks = synthetic_math_tasks(100, seed=0, difficulty=[1, 2, 3, 4, 5])
     longest = max(
         len(math_prompt(tokenizer, t.question)) + len(tokenizer.encode(synthetic_solution(t) + "<|im_end|>", add_special_tokens=False))

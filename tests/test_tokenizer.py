@@ -12,6 +12,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from helpers import config_path
 from tradojax.data.readers import CodeTask
 from tradojax.data.templates import (
     code_prompt,
@@ -252,7 +253,7 @@ def test_trado_configs_render_prompts_as_the_original(trado, config_name):
     newline: the TraDo/SDAR configs reproduce it by default (our tiny configs keep the newline)."""
     from tradojax.config import load_config
 
-    data = load_config(f"configs/{config_name}.py").data
+    data = load_config(config_path(f"{config_name}.py")).data
     assert data.strip_final_newline
     prompt = task_prompt(trado, CodeTask(question="Echo.", test_method="stdio", test_input=("1",), test_output=("1",))
                          if data.kind == "code" else _math_task("What is 2 + 2?"),
@@ -261,7 +262,7 @@ def test_trado_configs_render_prompts_as_the_original(trado, config_name):
     assert prompt.token_ids[-2:] == (151644, 77091)  # "<|im_start|>", "assistant": no "\n" (198)
     think = math_prompt(trado, "Q", start_with_think=True, strip_final_newline=data.strip_final_newline)
     assert think.text.endswith("<|im_start|>assistant<think>") and think.token_ids[-1] == 151667
-    assert not load_config("configs/tiny.py").data.strip_final_newline
+    assert not load_config(config_path("tiny.py")).data.strip_final_newline
 
 
 def _math_task(question):

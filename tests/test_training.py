@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tradojax.config import ModelConfig, TrainConfig
+from helpers import MICRO_MODEL
+from tradojax.config import TrainConfig
 from tradojax.models.transformer import init_model
-from tradojax.ops.masks import BlockAlignment, MaskRule, NOISY, Segments, dense_mask
-from tradojax.training.rows import block_sft_masks, pack_rows
+from tradojax.ops.masks import BlockAlignment, MaskRule, NOISY
+from tradojax.training.row_masks import random_mask
+from tradojax.training.rows import pack_rows
 from tradojax.training.step import make_optimizer, make_train_step, noisy_token_logprobs, sft_loss
 
-CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
-                     num_kv_heads=1, head_dim=16, mask_token_id=3, eos_token_id=0, pad_token_id=0)
+CONFIG = MICRO_MODEL
 MASK, PAD = 3, 0
 
 
@@ -23,7 +24,7 @@ def make_rows(seed, n=4, l0=6, l1=8, alignment=BlockAlignment.INFERENCE):
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(4, 64, size=rng.integers(2, l0 + 1)) for _ in range(n)]
     responses = [rng.integers(4, 64, size=rng.integers(3, l1 + 1)) for _ in range(n)]
-    noisy, trained = block_sft_masks([len(r) for r in responses], l1, rng, 0.1, 0.9)
+    noisy, trained = zip(*[random_mask(len(r), l1, lower_p=0.1, upper_p=0.9, post_num=0, rng=rng) for r in responses])
     return pack_rows(prompts, responses, noisy, trained, prompt_length=l0, response_length=l1,
                      pad_id=PAD, mask_id=MASK, block_size=4, alignment=alignment)
 
@@ -108,7 +109,7 @@ def test_block_sft_lowers_held_out_loss():
         r = np.random.default_rng(seed)
         prompts = [r.integers(4, 20, size=4) for _ in range(n)]
         responses = [p[::-1].copy() for p in prompts]
-        noisy, trained = block_sft_masks([4] * n, 4, r, 0.1, 0.9)
+        noisy, trained = zip(*[random_mask(4, 4, lower_p=0.1, upper_p=0.9, post_num=0, rng=r) for _ in range(n)])
         return pack_rows(prompts, responses, noisy, trained, prompt_length=4, response_length=4,
                          pad_id=PAD, mask_id=MASK, block_size=4)
 

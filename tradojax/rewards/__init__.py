@@ -16,6 +16,7 @@ Each `RewardResult` carries ``score`` (math: 1.0/0.0; code: the number of passed
 original's partial credit), ``correct`` (math: equivalent and not truncated; code: every test
 passed), a human-readable ``reason`` and ``details``.
 
+Tasks are `tradojax.data`'s `MathTask` / `CodeTask` records (or their JSON dicts).
 Modules: `tradojax.rewards.math` (extraction and equivalence, pure), `tradojax.rewards.code`
 (program extraction and test running), `tradojax.rewards.sandbox` (process isolation),
 `tradojax.rewards.pool` (the process pool and `score_responses`).
@@ -46,7 +47,6 @@ class RewardResult:
 
 # Defined before the submodules are imported: they import RewardResult from here.
 from tradojax.rewards.code import (  # noqa: E402
-    CodeTask,
     extract_program,
     parse_code_task,
     score_code,
@@ -63,7 +63,6 @@ from tradojax.rewards.pool import RewardBatch, RewardPool, score_responses  # no
 from tradojax.rewards.sandbox import ExecutionReport, SandboxLimits, TestVerdict  # noqa: E402
 
 __all__ = [
-    "CodeTask",
     "ExecutionReport",
     "NO_ANSWER",
     "RewardBatch",

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import re
 import textwrap
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from tradojax.data.readers import CodeTask
 from tradojax.rewards import RewardResult
 from tradojax.rewards.sandbox import (
     ExecutionReport,
@@ -36,22 +36,6 @@ DEFAULT_TEST_TIME_LIMIT_S = 1.0
 
 _FENCE_OPEN = re.compile(r"```[ \t]*(?:python3?|py)\b[^\n]*\n", re.IGNORECASE)
 _FENCE_CLOSE = re.compile(r"\n?[ \t]*```")
-
-
-@dataclass(frozen=True)
-class CodeTask:
-    """A validated code task (the dLLM-RL code JSON schema, spec 7)."""
-
-    test_method: str  # "function" or "stdio"
-    time_limit_s: float
-    tests: tuple[str, ...] = ()  # function: assert statements
-    inputs: tuple[str, ...] = ()  # stdio: stdin text per case
-    outputs: tuple[str, ...] = ()  # stdio: expected stdout per case
-    prefix: str | None = None  # function: code the prompt ends with
-
-    @property
-    def num_tests(self) -> int:
-        return len(self.tests) if self.test_method == "function" else len(self.inputs)
 
 
 def _string_list(item: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
@@ -73,7 +57,8 @@ def _string_list(item: Mapping[str, Any], key: str, where: str) -> tuple[str, ..
 
 
 def parse_code_task(item: Mapping[str, Any] | CodeTask, where: str = "item") -> CodeTask:
-    """Validate a code item; errors name the item (`where`) and the field."""
+    """A `CodeTask` (tradojax.data's) as is, or a code item dict validated into one; errors name
+    the item (`where`) and the field. A dict needs no `question` (scoring does not read it)."""
     if isinstance(item, CodeTask):
         return item
     if not isinstance(item, Mapping):
@@ -91,11 +76,13 @@ def parse_code_task(item: Mapping[str, Any] | CodeTask, where: str = "item") -> 
     prefix = item.get("prefix")
     if prefix is not None and not isinstance(prefix, str):
         raise ValueError(f"{where}: field 'prefix' must be a string, got {type(prefix).__name__}")
+    question = item.get("question")
+    question = question if isinstance(question, str) else ""
     if method == "function":
         tests = _string_list(item, "test_list", where)
         if not tests:
             raise ValueError(f"{where}: field 'test_list' is empty")
-        return CodeTask("function", float(limit), tests=tests, prefix=prefix)
+        return CodeTask(question, "function", float(limit), test_list=tests, prefix=prefix)
     inputs = _string_list(item, "test_input", where)
     outputs = _string_list(item, "test_output", where)
     if len(inputs) != len(outputs):
@@ -103,7 +90,7 @@ def parse_code_task(item: Mapping[str, Any] | CodeTask, where: str = "item") -> 
                          f"({len(outputs)}) must have the same length")
     if not inputs:
         raise ValueError(f"{where}: field 'test_input' is empty")
-    return CodeTask("stdio", float(limit), inputs=inputs, outputs=outputs, prefix=prefix)
+    return CodeTask(question, "stdio", float(limit), test_input=inputs, test_output=outputs, prefix=prefix)
 
 
 def extract_program(response: str, prefix: str | None = None) -> str | None:
@@ -134,7 +121,7 @@ def code_time_budget(task: CodeTask, limits: SandboxLimits | None = None) -> flo
     limits = limits or SandboxLimits()
     phases = (function_phases(task.num_tests) if task.test_method == "function"
               else task.num_tests)
-    return limits.startup_s + phases * (task.time_limit_s + 0.5) + 1.0
+    return limits.startup_s + phases * (task.test_time_limit + 0.5) + 1.0
 
 
 def score_code(
@@ -158,11 +145,11 @@ def score_code(
     if program is None:
         return RewardResult(0.0, False, "no ```python code block in the response", details)
     if task.test_method == "function":
-        report = run_function_tests(program, list(task.tests), task.time_limit_s, limits,
+        report = run_function_tests(program, list(task.test_list), task.test_time_limit, limits,
                                     on_runner_start)
     else:
-        report = run_stdio_tests(program, list(task.inputs), list(task.outputs),
-                                 task.time_limit_s, limits, on_runner_start)
+        report = run_stdio_tests(program, list(task.test_input), list(task.test_output),
+                                 task.test_time_limit, limits, on_runner_start)
     return _result_from_report(report, details)
 
 

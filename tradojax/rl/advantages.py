@@ -14,11 +14,6 @@ def group_zscore(scores: np.ndarray) -> np.ndarray:
     return np.where(std > 0, (scores - mean) / safe, 0.0)
 
 
-def truncation_penalty(correct: np.ndarray, lengths: np.ndarray, max_new_tokens: int, margin: int = 5) -> np.ndarray:
-    """A response of at least `max_new_tokens - margin` tokens counts as wrong (the original's rule)."""
-    return np.asarray(correct, bool) & (np.asarray(lengths) < max_new_tokens - margin)
-
-
 def difficulty_filter(correct: np.ndarray, lower: float, upper: float) -> np.ndarray:
     """[groups, k] -> [groups] bool: keep groups whose accuracy p has lower <= p <= upper."""
     accuracy = np.asarray(correct, np.float64).mean(axis=1)

@@ -38,8 +38,8 @@ from tradojax.parallel.sharding import place_state, shard_batch, shard_params, t
 from tradojax.rl.advantages import difficulty_filter, group_zscore, outcome_token_rewards, trace_gae
 from tradojax.rl.losses import policy_loss, value_loss
 from tradojax.rl.methods import row_builder
-from tradojax.training.traces import TraceRound
 from tradojax.sampling.block_diffusion import BlockDiffusionSampler, prompt_bucket
+from tradojax.training.row_masks import TraceRound
 from tradojax.training.rows import Rows, pack_rows, round_up
 from tradojax.training.step import (make_optimizer, make_train_step, masked_normaliser, noisy_token_logprobs,
                                    pin_layouts, with_learning_rate, within_step_cosine)

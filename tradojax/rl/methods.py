@@ -8,10 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
-
-from tradojax.ops.masks import BlockAlignment
-from tradojax.training.traces import TraceRound, trace_rounds, trainable_positions
+from tradojax.training.row_masks import TraceRound, padded_steps, random_mask, trace_rounds, trainable_positions
 
 
 def tracerl_rows(trace, response_tokens, *, response_length, prompt_length, block_size, shrink, post_num,
@@ -23,37 +20,23 @@ def tracerl_rows(trace, response_tokens, *, response_length, prompt_length, bloc
                         ends_with_pad=ends_with_pad)
 
 
-def _random_mask(response_tokens, response_length, post_num, lower_p, upper_p, rng, ends_with_pad):
-    trainable = trainable_positions(response_tokens, response_length, post_num, ends_with_pad)
-    probs = rng.uniform(lower_p, upper_p, size=response_length)
-    masked = rng.uniform(size=response_length) < probs
-    if not (masked & trainable).any() and trainable.any():
-        masked[rng.choice(np.flatnonzero(trainable))] = True
-    return masked, trainable
-
-
-def _steps(trace, response_tokens, response_length):
-    steps = np.full(response_length, (int(np.max(trace)) + 1) if response_tokens else 1, np.int64)
-    steps[:response_tokens] = trace
-    return steps
-
-
 def random_masking_rows(trace, response_tokens, *, response_length, prompt_length, block_size, shrink, post_num,
                         alignment, lower_p, upper_p, rng, ends_with_pad=False) -> list[TraceRound]:
     """One row: every position masked with probability p_j ~ U(lower_p, upper_p)."""
-    masked, trainable = _random_mask(response_tokens, response_length, post_num, lower_p, upper_p, rng,
-                                     ends_with_pad)
-    return [TraceRound(noisy=masked, trained=masked & trainable, steps=_steps(trace, response_tokens, response_length))]
+    noisy, trained = random_mask(response_tokens, response_length, lower_p=lower_p, upper_p=upper_p,
+                                 post_num=post_num, rng=rng, ends_with_pad=ends_with_pad)
+    return [TraceRound(noisy=noisy, trained=trained, steps=padded_steps(trace, response_tokens, response_length))]
 
 
 def coupled_rows(trace, response_tokens, *, response_length, prompt_length, block_size, shrink, post_num,
                  alignment, lower_p, upper_p, rng, ends_with_pad=False) -> list[TraceRound]:
     """The random row plus its complement: every trainable token is trained exactly once."""
-    masked, trainable = _random_mask(response_tokens, response_length, post_num, lower_p, upper_p, rng,
-                                     ends_with_pad)
-    steps = _steps(trace, response_tokens, response_length)
-    rows = [TraceRound(noisy=masked, trained=masked & trainable, steps=steps)]
-    complement = ~masked
+    noisy, trained = random_mask(response_tokens, response_length, lower_p=lower_p, upper_p=upper_p,
+                                 post_num=post_num, rng=rng, ends_with_pad=ends_with_pad)
+    steps = padded_steps(trace, response_tokens, response_length)
+    rows = [TraceRound(noisy=noisy, trained=trained, steps=steps)]
+    complement = ~noisy
+    trainable = trainable_positions(response_tokens, response_length, post_num, ends_with_pad)
     if (complement & trainable).any():
         rows.append(TraceRound(noisy=complement, trained=complement & trainable, steps=steps))
     return rows

@@ -26,14 +26,15 @@ are committed this step. Deliberate differences from the original (spec section 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import typing
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Strategy = Literal["low_confidence_static", "low_confidence_dynamic", "sequential", "entropy_bounded"]
-STRATEGIES: tuple[str, ...] = ("low_confidence_static", "low_confidence_dynamic", "sequential", "entropy_bounded")
+from tradojax.config import RemaskingStrategy
+
+STRATEGIES: tuple[str, ...] = typing.get_args(RemaskingStrategy)  # the names live in config (one list)
 
 
 def transfer_schedule(block_size: int, steps: int) -> np.ndarray:

@@ -4,7 +4,7 @@ Block-diffusion (sdar) models train on `[prompt | clean | noisy]` rows under the
 `block` SFT (the original's `semi-ar`, the default) masks every response position with
 probability p_j ~ U(lower_p, upper_p) and trains all blocks at once; `trace` SFT builds rows from a
 recorded decode trace exactly as TraceRL does. Full-attention models (llada, dream) train on
-single-stream `[prompt | noisy response]` rows (`semi_ar`, `random_masking`, `trace`; sft/rows.py).
+single-stream `[prompt | noisy response]` rows (`semi_ar`, `random_masking`, `trace`; training/row_masks.py).
 
 Block-size adaptation (the paper's: a block-4 model learns to decode at block 8) is block or trace
 SFT with `train.block_size` set to the new size; the trained model reports that size as its native
@@ -40,12 +40,11 @@ from tradojax.metrics import MetricWriter
 from tradojax.models.transformer import Decoder
 from tradojax.ops.masks import BlockAlignment
 from tradojax.parallel.sharding import place_state, shard_batch, shard_params
-from tradojax.training.traces import trace_rounds
 from tradojax.sft.batches import BatchPlan, PlannedBatch, assign_buckets
 from tradojax.sft.config import SFTConfig
-from tradojax.sft.losses import full_sft_loss
-from tradojax.sft.rows import FullRows, full_trace_masks, pack_full_rows, random_masking_masks, semi_ar_masks
-from tradojax.training.rows import Rows, block_sft_masks, pack_rows, round_up
+from tradojax.training.row_masks import (full_trace_masks, random_mask, random_masking_masks, semi_ar_masks,
+                                        trace_rounds)
+from tradojax.training.rows import RowLayout, Rows, pack_rows, round_up
 from tradojax.training.step import make_optimizer, make_schedule, make_train_step, pin_layouts, sft_loss
 
 _MASK_SALT = 0x5F7  # keeps SFT mask streams apart from other seeded streams
@@ -82,8 +81,8 @@ def example_masks(pair: SFTPair, config: Config, *, mode: str, response_length: 
     trace = None if pair.trace is None else np.asarray(pair.trace, np.int64)
     if family == "sdar":
         if mode == "block":
-            noisy, trained = block_sft_masks([n], response_length, rng, train.lower_p, train.upper_p, train.post_num)
-            return list(zip(noisy, trained))
+            return [random_mask(n, response_length, lower_p=train.lower_p, upper_p=train.upper_p,
+                                post_num=train.post_num, rng=rng)]
         if mode == "trace":
             rounds = trace_rounds(np.arange(1, n + 1) if trace is None else trace, n,
                                   response_length=response_length, prompt_length=len(pair.prompt),
@@ -104,7 +103,7 @@ def example_masks(pair: SFTPair, config: Config, *, mode: str, response_length: 
 
 
 def pack_sft_rows(pairs: Sequence[SFTPair], masks: Sequence[tuple[np.ndarray, np.ndarray]], config: Config, *,
-                  prompt_length: int, response_length: int, weights: Sequence[float] | None = None) -> Rows | FullRows:
+                  prompt_length: int, response_length: int, weights: Sequence[float] | None = None) -> Rows:
     """Rows of `pairs[i]` with `masks[i]`: dual-stream for sdar, single-stream for llada/dream."""
     model, train = config.model, config.train
     prompts = [np.asarray(p.prompt) for p in pairs]
@@ -116,18 +115,18 @@ def pack_sft_rows(pairs: Sequence[SFTPair], masks: Sequence[tuple[np.ndarray, np
                          response_length=response_length, pad_id=model.pad_token_id, mask_id=model.mask_token_id,
                          block_size=train.block_size, alignment=BlockAlignment(train.block_alignment),
                          weights=weights)
-    return pack_full_rows(prompts, responses, noisy, trained, prompt_length=prompt_length,
-                          response_length=response_length, pad_id=model.pad_token_id, mask_id=model.mask_token_id,
-                          weights=weights)
+    return pack_rows(prompts, responses, noisy, trained, prompt_length=prompt_length,
+                     response_length=response_length, pad_id=model.pad_token_id, mask_id=model.mask_token_id,
+                     weights=weights, layout=RowLayout.SINGLE_STREAM)
 
 
 def sft_rows(pairs: Sequence[SFTPair], config: Config, rng: np.random.Generator, *, mode: str = "block",
              prompt_length: int, response_length: int, shrink: int = 1,
-             mask_times_per_sample: int = 1) -> Rows | FullRows:
+             mask_times_per_sample: int = 1) -> Rows:
     """Training rows of a batch of pairs, in order (every row of pair 0, then of pair 1, ...).
 
-    `mode` is "block" or "trace" for sdar models (`Rows`), "semi_ar", "random_masking" or "trace"
-    for llada/dream (`FullRows`); see `SFTConfig`.
+    `mode` is "block" or "trace" for sdar models (dual-stream `Rows`), "semi_ar", "random_masking" or
+    "trace" for llada/dream (single-stream `Rows`); see `SFTConfig`.
     """
     SFTConfig(mode=mode).check_family(config.model.family)
     row_pairs, row_masks = [], []
@@ -241,7 +240,8 @@ class SFTTrainer:
                 + ", ".join(f"{b}: {n}" for b, n in self.plan.rows_per_bucket.items()))
 
         self.graphdef, params = nnx.split(policy)
-        self.loss_fn = _LOSSES[train.loss_normalization if self.family == "sdar" else "full"]
+        # full-attention rows: each row's mean NLL over its trained tokens (the original's LLaDA/Dream rule)
+        self.loss_fn = _LOSSES[train.loss_normalization if self.family == "sdar" else "tokens"]
         if mesh is not None:
             params = shard_params(params, mesh, "train")
         else:
@@ -269,7 +269,7 @@ class SFTTrainer:
         return [len(self.example_masks(p, b[1], np.random.default_rng(0))) for p, b in zip(pairs, buckets)]
 
     def batch_rows(self, planned: PlannedBatch, pairs: Sequence[SFTPair], row_counts: Sequence[int],
-                   rng_key: Sequence[int]) -> tuple[Rows | FullRows, int]:
+                   rng_key: Sequence[int]) -> tuple[Rows, int]:
         """Host rows of a planned batch, padded to `batch_size` with rows that weigh 0; real rows
         weigh batch_size / real so the update is the mean over real rows. Returns (rows, real)."""
         prompt_length, response_length = planned.bucket
@@ -290,7 +290,7 @@ class SFTTrainer:
                              response_length=response_length, weights=weights)
         return rows, real
 
-    def rows_for_step(self, step: int) -> tuple[Rows | FullRows, int, int, PlannedBatch]:
+    def rows_for_step(self, step: int) -> tuple[Rows, int, int, PlannedBatch]:
         """(rows, real rows, epoch, planned batch) of update `step` (0-based)."""
         epoch, planned = self.plan.locate(step)
         rows, real = self.batch_rows(planned, self.pairs, self.plan.row_counts,
@@ -302,7 +302,7 @@ class SFTTrainer:
     def _on_mesh(self, tree: Any) -> Any:
         return place_state(tree, self.mesh, _first_device(self.params))
 
-    def place_rows(self, rows: Rows | FullRows) -> Rows | FullRows:
+    def place_rows(self, rows: Rows) -> Rows:
         """Device rows: the batch axis sharded over the mesh's data axes (or one device)."""
         return jax.tree.map(jnp.asarray, rows) if self.mesh is None else shard_batch(rows, self.mesh)
 
@@ -470,7 +470,6 @@ def _first_device(tree: Any) -> jax.Device:
 _LOSSES: dict[str, Callable] = {
     "padded_length": functools.partial(sft_loss, normalization="padded_length"),
     "tokens": functools.partial(sft_loss, normalization="tokens"),
-    "full": full_sft_loss,
 }
 _STEPS: dict[tuple, tuple[optax.GradientTransformation, Callable]] = {}
 

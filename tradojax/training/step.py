@@ -19,21 +19,28 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tradojax.config import TrainConfig
-from tradojax.ops.masks import MaskRule
-from tradojax.training.rows import Rows
+from tradojax.training.rows import RowLayout, Rows
 
 LossFn = Callable[[nnx.Module, Rows, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def noisy_token_logprobs(model: nnx.Module, rows: Rows, *, with_entropy: bool = False):
-    """[B, L1] float32: log p(target_j) at each noisy position under the dual-stream mask; with
+    """[B, L1] float32: log p(target_j) at each noisy response position, under the rows' layout
+    (dual stream: the block-diffusion training mask; single stream: the full mask); with
     `with_entropy`, also the entropy (nats) of the predicted distribution at each position.
 
-    Only the noisy copy goes through the LM head (the prompt and clean copy need no logits).
+    The noisy response is the last L1 columns in both layouts; only those hidden states go through
+    the LM head. Dream's logits are shifted (the logit at position i predicts token i+1, spec 1.5),
+    so its response token j is read one column earlier.
     """
     response_length = rows.targets.shape[1]
-    hidden = model.hidden_states(rows.tokens, rows.positions, rows.segments, MaskRule.BLOCK_DIFFUSION)
-    logits = model.hidden_to_logits(hidden[:, -response_length:])
+    hidden = model.hidden_states(rows.tokens, rows.positions, rows.segments, rows.layout.mask_rule)
+    start = rows.tokens.shape[1] - response_length
+    if model.config.logits_shifted:
+        if rows.layout is not RowLayout.SINGLE_STREAM:
+            raise ValueError(f"a {model.config.family!r} model (shifted logits) trains on single-stream rows")
+        start -= 1
+    logits = model.hidden_to_logits(hidden[:, start:start + response_length])
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     target_logp = jnp.take_along_axis(log_probs, rows.targets[..., None], axis=-1)[..., 0]
     if not with_entropy:
@@ -49,7 +56,8 @@ def masked_normaliser(rows: Rows, normalization: str) -> jax.Array:
 
 
 def sft_loss(model: nnx.Module, rows: Rows, extra: Any, *, normalization: str = "padded_length"):
-    """−(1/B) Σ_rows (1/L1) Σ_masked log p(y_j) (spec section 5)."""
+    """−(1/B) Σ_rows w_r (1/L1) Σ_masked log p(y_j) (spec section 5). With `normalization="tokens"`
+    each row is divided by its trained-token count instead of L1 (the original's LLaDA/Dream rule)."""
     del extra
     logp = noisy_token_logprobs(model, rows)
     mask = rows.loss_mask.astype(jnp.float32)
