@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from tradojax.checkpoint import CheckpointError
 from tradojax.config import ConfigError, ModelConfig, from_dict, to_dict
 from tradojax.models.transformer import DTYPES, Decoder, abstract_model, param_paths
+from tradojax.parallel.sharding import to_host
 
 log = logging.getLogger(__name__)
 
@@ -637,17 +638,6 @@ def load_hf_model(path: str | os.PathLike, mesh: Mesh | None = None, role: str =
 # ----------------------------------------------------------------------------------------------
 
 
-def _to_host(array: Any) -> np.ndarray:
-    """One parameter on the host (all processes must call this: it may be a collective)."""
-    if isinstance(array, nnx.Variable):
-        array = array[...]
-    if isinstance(array, jax.Array) and not array.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-    return np.asarray(jax.device_get(array))
-
-
 def _config_and_params(model: Any) -> tuple[ModelConfig, Any]:
     if isinstance(model, Decoder):
         return model.config, nnx.state(model, nnx.Param)
@@ -758,7 +748,7 @@ def save_hf_model(model: Decoder | tuple[ModelConfig, Any], out_dir: str | os.Pa
             if t.rule is not None:
                 by_param.setdefault(t.rule.param, []).append(t)
         for param, tensors in by_param.items():
-            host = _to_host(leaves[param])  # every process joins the gather
+            host = to_host(leaves[param])  # every process joins the gather
             if not writer:
                 continue
             for t in tensors:
@@ -792,7 +782,7 @@ VALUE_HEAD = "value_head.weight"  # [1, hidden]: the original's bias-free Linear
 def save_hf_value_model(value: Any, out_dir: str | os.PathLike, **kwargs) -> Path:
     """A ValueModel as the original saves its value model: the backbone in the family's form plus
     `value_head.weight` [1, hidden]. `kwargs` as for `save_hf_model`."""
-    head = _to_host(value.value_head)[None, :]
+    head = to_host(value.value_head)[None, :]
     return save_hf_model(value.backbone, out_dir, extra_tensors={VALUE_HEAD: head}, **kwargs)
 
 

@@ -74,7 +74,10 @@ def shard_batch(tree: Any, mesh: Mesh, role: str = "train") -> Any:
 
 
 def to_host(x: Any) -> np.ndarray:
-    """A device array as a full numpy array on every process (gathered across hosts if needed)."""
+    """A device array (or an nnx.Variable holding one) as a full numpy array on every process,
+    gathered across hosts if needed: then every process must call it (a collective)."""
+    if isinstance(x, nnx.Variable):
+        x = x[...]
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
