@@ -19,6 +19,7 @@ import numpy as np
 from tradojax.config import Config
 from tradojax.data.readers import DataFormatError, MathTask, iter_raw_records, sft_example_from_dict
 from tradojax.sft.trainer import SFTPair
+from tradojax.training.row_masks import padded_steps
 
 
 def _check_ids(ids: tuple[int, ...], vocab_size: int | None, field: str, file: str, location: str) -> None:
@@ -43,8 +44,8 @@ def _trace_from_step_map(step_map: tuple[int, ...], response_tokens: int, file: 
     adjusted = len(steps) != response_tokens
     if len(steps) > response_tokens:
         steps = steps[:response_tokens]
-    elif len(steps) < response_tokens:
-        steps = np.concatenate([steps, np.full(response_tokens - len(steps), steps.max() + 1)])
+    elif len(steps) < response_tokens:  # the missing tail decodes after the recorded steps
+        steps = padded_steps(steps, len(steps), response_tokens)
     return tuple(int(s) for s in steps), adjusted
 
 
