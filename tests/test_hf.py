@@ -18,8 +18,9 @@ from safetensors.numpy import load_file, save_file
 
 from tradojax import cli
 from helpers import TINY_MODEL
+from tradojax.checkpoint import CheckpointError
 from tradojax.config import MeshConfig, ModelConfig
-from tradojax.models import hf
+from tradojax.models import hf, hf_config, hf_keys, native, safetensors_io
 from tradojax.models.transformer import abstract_model, param_paths
 from tradojax.parallel.mesh import make_mesh
 from tradojax.parallel.sharding import param_sharding
@@ -71,11 +72,11 @@ def sdar_dir(tmp_path_factory):
 
 def test_key_table_is_two_way_for_every_family():
     for family, config in FAMILIES.items():
-        rules = hf.key_table(config)
+        rules = hf_keys.key_table(config)
         names = [rule.name(layer) for rule in rules
                  for layer in (range(config.num_layers) if rule.stacked else [None])]
         assert len(names) == len(set(names)), family
-        sizes = hf.dim_sizes(config)
+        sizes = hf_keys.dim_sizes(config)
         shapes = {p: leaf.shape for p, leaf in param_paths(nnx.split(abstract_model(config))[1]).items()}
         rng = np.random.default_rng(0)
         for rule in rules:
@@ -84,13 +85,13 @@ def test_key_table_is_two_way_for_every_family():
             assert torch_layout.shape == rule.hf_shape(sizes)
             full = {d: (0, sizes[d]) for group in rule.hf_dims for d in group}
             np.testing.assert_array_equal(rule.to_ours(torch_layout, sizes, full), ours)
-    sdar_names = {rule.name(0) for rule in hf.key_table(TINY)}
+    sdar_names = {rule.name(0) for rule in hf_keys.key_table(TINY)}
     assert "model.layers.0.self_attn.q_norm.weight" in sdar_names
     assert "model.layers.0.self_attn.q_proj.bias" not in sdar_names
-    dream_names = {rule.name(0) for rule in hf.key_table(FAMILIES["dream"])}
+    dream_names = {rule.name(0) for rule in hf_keys.key_table(FAMILIES["dream"])}
     assert "model.layers.0.self_attn.q_proj.bias" in dream_names
     assert "model.layers.0.self_attn.q_norm.weight" not in dream_names
-    llada_names = {rule.name(1) for rule in hf.key_table(FAMILIES["llada"])}
+    llada_names = {rule.name(1) for rule in hf_keys.key_table(FAMILIES["llada"])}
     assert {"model.transformer.wte.weight", "model.transformer.blocks.1.attn_out.weight",
             "model.transformer.blocks.1.ff_proj.weight", "model.transformer.ff_out.weight",
             "model.transformer.ln_f.weight"} <= llada_names
@@ -98,8 +99,8 @@ def test_key_table_is_two_way_for_every_family():
 
 def test_q_proj_layout_matches_torch_linear():
     """torch q_proj.weight[h*hd + k, d] is our q_proj[d, h, k]; o_proj.weight[d, h*hd + k] is o_proj[h, k, d]."""
-    sizes = hf.dim_sizes(TINY)
-    rules = {rule.param: rule for rule in hf.key_table(TINY)}
+    sizes = hf_keys.dim_sizes(TINY)
+    rules = {rule.param: rule for rule in hf_keys.key_table(TINY)}
     rng = np.random.default_rng(1)
     q = rng.normal(size=(64, 4, 16))
     torch_q = rules["layers.q_proj"].to_hf(q, sizes)
@@ -119,8 +120,8 @@ def test_q_proj_layout_matches_torch_linear():
 def test_config_round_trips_through_config_json(family):
     config = dataclasses.replace(FAMILIES[family], param_dtype="bfloat16", compute_dtype="bfloat16",
                                  rope_theta=5e5, tie_word_embeddings=family == "llada")
-    data = hf.model_config_to_hf(config)
-    assert hf.model_config_from_hf(data) == config
+    data = hf_config.model_config_to_hf(config)
+    assert hf_config.model_config_from_hf(data) == config
     if family == "sdar":
         assert data["model_type"] == "sdar" and data["architectures"] == ["SDARForCausalLM"]
         assert data["auto_map"]["AutoModelForCausalLM"] == "modeling_sdar.SDARForCausalLM"
@@ -144,32 +145,32 @@ def test_sdar_4b_chat_config_json():
         "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
         "use_cache": False, "use_sliding_window": False, "vocab_size": 151936,
     }
-    config = hf.model_config_from_hf(data)
+    config = hf_config.model_config_from_hf(data)
     assert config == ModelConfig(
         family="sdar", vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_layers=36, num_heads=32,
         num_kv_heads=8, head_dim=128, rope_theta=1e6, max_position_embeddings=32768, block_size=4,
         mask_token_id=151669, eos_token_id=151643, pad_token_id=151643, param_dtype="bfloat16",
         compute_dtype="bfloat16")
     assert 4.0e9 < config.num_params() < 4.5e9
-    written = hf.model_config_to_hf(config)
+    written = hf_config.model_config_to_hf(config)
     assert {k: written[k] for k in data if k in written and k != "fuse_cross_entropy"} == {
         k: v for k, v in data.items() if k in written and k != "fuse_cross_entropy"}
     assert written["fuse_cross_entropy"] is False  # dLLM-RL sets it False: always return logits
 
 
 def test_config_json_variants():
-    base = hf.model_config_to_hf(TINY)
+    base = hf_config.model_config_to_hf(TINY)
     # transformers 5 writes rope_parameters/dtype; Qwen2 has no head_dim; eos may be a list
     modern = {k: v for k, v in base.items() if k not in ("rope_theta", "torch_dtype", "head_dim", "auto_map")}
     modern.update(model_type="qwen2", rope_parameters={"rope_type": "default", "rope_theta": 1e6},
                   dtype="float32", eos_token_id=[1, 5])
-    config = hf.model_config_from_hf(modern)
+    config = hf_config.model_config_from_hf(modern)
     assert (config.family, config.qk_norm, config.qkv_bias, config.head_dim) == ("sdar", False, True, 16)
     assert config.eos_token_id == 1 and config.rope_theta == 1e6
-    assert hf.model_config_from_hf({**base, "model_type": "Dream"}).family == "dream"
+    assert hf_config.model_config_from_hf({**base, "model_type": "Dream"}).family == "dream"
     # overrides win; a qwen3 config without mask token gets the override
     no_mask = {k: v for k, v in base.items() if k != "mask_token_id"}
-    assert hf.model_config_from_hf(no_mask, overrides={"mask_token_id": 7}).mask_token_id == 7
+    assert hf_config.model_config_from_hf(no_mask, overrides={"mask_token_id": 7}).mask_token_id == 7
 
 
 @pytest.mark.parametrize("change, message", [
@@ -184,10 +185,10 @@ def test_config_json_variants():
     ({"attention_bias": True}, "field 'attention_bias'"),
 ])
 def test_config_json_errors_name_file_and_field(tmp_path, change, message):
-    data = {**hf.model_config_to_hf(TINY), **change}
+    data = {**hf_config.model_config_to_hf(TINY), **change}
     (tmp_path / "config.json").write_text(json.dumps(data))
-    with pytest.raises(hf.HFCheckpointError) as err:
-        hf.read_hf_config(tmp_path)
+    with pytest.raises(hf_keys.HFCheckpointError) as err:
+        hf_config.read_hf_config(tmp_path)
     assert message in str(err.value)
     assert str(tmp_path / "config.json") in str(err.value)
 
@@ -208,7 +209,7 @@ def test_export_import_round_trip_is_bit_exact(tmp_path, family, dtype):
         assert f.metadata() == {"format": "pt"}
         expected_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
         assert all(f.get_slice(name).get_dtype() == ("BF16" if dtype == "bfloat16" else "F32") for name in f.keys())
-        assert f.get_tensor(hf.FAMILY_KEYS[family]["embed_tokens"]).dtype == expected_dtype
+        assert f.get_tensor(hf_keys.FAMILY_KEYS[family]["embed_tokens"]).dtype == expected_dtype
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["torch_dtype"] == dtype
     assert sorted(p.name for p in (tmp_path / "out").glob("*.py")) == sorted(hf.HF_CODE_FILES[family])
@@ -226,7 +227,7 @@ def test_export_casts_dtype_and_import_casts_back(tmp_path):
 
 
 def test_sharded_files_and_index(sdar_dir):
-    index = json.loads((sdar_dir / hf.INDEX_FILE).read_text())
+    index = json.loads((sdar_dir / safetensors_io.INDEX_FILE).read_text())
     files = sorted(p.name for p in sdar_dir.glob("*.safetensors"))
     n = len(files)
     assert n > 3 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
@@ -247,7 +248,7 @@ def test_sharded_load_places_parameters_in_their_shardings(sdar_dir, monkeypatch
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     unsharded, _ = hf.load_hf_model(sdar_dir)
     reads = []
-    original = hf.SafetensorsDirectory.tensor_slice
+    original = safetensors_io.SafetensorsDirectory.tensor_slice
 
     class Recorder:
         def __init__(self, name, inner):
@@ -260,7 +261,7 @@ def test_sharded_load_places_parameters_in_their_shardings(sdar_dir, monkeypatch
         def __getattr__(self, attr):
             return getattr(self.inner, attr)
 
-    monkeypatch.setattr(hf.SafetensorsDirectory, "tensor_slice",
+    monkeypatch.setattr(safetensors_io.SafetensorsDirectory, "tensor_slice",
                         lambda self, name: Recorder(name, original(self, name)))
     model, config = hf.load_hf_model(sdar_dir, mesh=mesh, role="train")
     sharded_params = param_paths(nnx.state(model, nnx.Param))
@@ -281,17 +282,17 @@ def test_sharded_load_places_parameters_in_their_shardings(sdar_dir, monkeypatch
 def test_params_checkpoint_round_trip_with_mesh(tmp_path):
     config = dataclasses.replace(TINY, param_dtype="bfloat16", compute_dtype="bfloat16")
     params = random_params(config, seed=5)
-    hf.save_params_checkpoint(tmp_path / "ckpt", config, params)
+    native.save_params_checkpoint(tmp_path / "ckpt", config, params)
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    loaded_config, loaded = hf.load_params_checkpoint(tmp_path / "ckpt", mesh=mesh)
+    loaded_config, loaded = native.load_params_checkpoint(tmp_path / "ckpt", mesh=mesh)
     assert loaded_config == config
     assert_bit_equal(flat_numpy(params), flat_numpy(loaded))
     embed = param_paths(loaded)["embed_tokens"][...]
     assert embed.sharding == param_sharding("embed_tokens", embed.shape, mesh)
-    with pytest.raises(hf.CheckpointError, match="already exists"):
-        hf.save_params_checkpoint(tmp_path / "ckpt", config, params)
-    with pytest.raises(hf.CheckpointError, match="not a tradojax params checkpoint"):
-        hf.load_params_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="already exists"):
+        native.save_params_checkpoint(tmp_path / "ckpt", config, params)
+    with pytest.raises(CheckpointError, match="not a tradojax params checkpoint"):
+        native.load_params_checkpoint(tmp_path)
 
 
 def test_cli_import_then_export(sdar_dir, tmp_path, capsys):
@@ -327,7 +328,7 @@ def test_cli_export_reads_a_hugging_face_directory_too(sdar_dir, tmp_path, capsy
 def test_cli_errors(tmp_path, capsys):
     assert cli.main(["import-hf", str(tmp_path / "nope"), "--out", str(tmp_path / "ckpt")]) == 2
     err = capsys.readouterr().err
-    assert "import-hf: error" in err and str(tmp_path / "nope") in err and "no such checkpoint directory" in err
+    assert "tradojax import-hf: HFCheckpointError: " in err and str(tmp_path / "nope") in err and "no such checkpoint directory" in err
     assert not (tmp_path / "ckpt").exists()
     assert cli.main(["import-hf", str(tmp_path)]) == 2  # --out missing
     assert "--out" in capsys.readouterr().err
@@ -353,7 +354,7 @@ def single_dir(tmp_path):
 
 
 def _error(path, **kwargs) -> str:
-    with pytest.raises(hf.HFCheckpointError) as err:
+    with pytest.raises(hf_keys.HFCheckpointError) as err:
         hf.load_hf_model(path, **kwargs)
     return str(err.value)
 
@@ -398,7 +399,7 @@ def test_truncated_safetensors(single_dir, sdar_dir, tmp_path):
     # in a sharded checkpoint the error also names tensors the broken file holds
     sharded = tmp_path / "sharded"
     shutil.copytree(sdar_dir, sharded)
-    index = json.loads((sharded / hf.INDEX_FILE).read_text())["weight_map"]
+    index = json.loads((sharded / safetensors_io.INDEX_FILE).read_text())["weight_map"]
     broken = sorted(sharded.glob("model-00002-of-*.safetensors"))[0]
     held = [name for name, f in index.items() if f == broken.name]
     broken.write_bytes(broken.read_bytes()[:50])
@@ -410,19 +411,19 @@ def test_index_pointing_to_missing_shard(sdar_dir, tmp_path):
     sharded = tmp_path / "sharded"
     shutil.copytree(sdar_dir, sharded)
     gone = sorted(sharded.glob("model-00003-of-*.safetensors"))[0]
-    index = json.loads((sharded / hf.INDEX_FILE).read_text())["weight_map"]
+    index = json.loads((sharded / safetensors_io.INDEX_FILE).read_text())["weight_map"]
     held = sorted(name for name, f in index.items() if f == gone.name)
     gone.unlink()
     message = _error(sharded)
-    assert str(sharded / hf.INDEX_FILE) in message and gone.name in message and "does not exist" in message
+    assert str(sharded / safetensors_io.INDEX_FILE) in message and gone.name in message and "does not exist" in message
     assert any(name in message for name in held)
     # a tensor the index does not list is reported with the index it searched
     index = {k: v for k, v in index.items() if k != "lm_head.weight"}
     for name in held:
         index.pop(name)
-    (sharded / hf.INDEX_FILE).write_text(json.dumps({"weight_map": index}))
+    (sharded / safetensors_io.INDEX_FILE).write_text(json.dumps({"weight_map": index}))
     message = _error(sharded)
-    assert "not found" in message and hf.INDEX_FILE in message
+    assert "not found" in message and safetensors_io.INDEX_FILE in message
     assert any(f"'{name}'" in message for name in held + ["lm_head.weight"])
 
 
@@ -434,8 +435,8 @@ def test_no_safetensors_files(single_dir):
 
 def test_export_refuses_unrepresentable_models(tmp_path):
     qwen2_like = dataclasses.replace(TINY, qk_norm=False, qkv_bias=True)
-    with pytest.raises(hf.HFCheckpointError, match="SDAR form needs qk_norm=True"):
+    with pytest.raises(hf_keys.HFCheckpointError, match="SDAR form needs qk_norm=True"):
         hf.save_hf_model((qwen2_like, random_params(qwen2_like)), tmp_path / "out")
-    with pytest.raises(hf.CheckpointError, match="tokenizer directory does not exist"):
+    with pytest.raises(CheckpointError, match="tokenizer directory does not exist"):
         hf.save_hf_model((TINY, random_params(TINY)), tmp_path / "out2", tokenizer=tmp_path / "none")
     assert not (tmp_path / "out2").exists()

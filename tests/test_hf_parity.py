@@ -14,8 +14,8 @@ import transformers
 from flax import nnx
 
 from tradojax.config import MeshConfig
-from tradojax.models import hf
-from tradojax.models.transformer import apply
+from tradojax.models import hf, hf_keys
+from tradojax.models.transformer import abstract_model, apply
 from tradojax.ops import masks
 from tradojax.parallel.mesh import make_mesh
 
@@ -274,7 +274,7 @@ def test_exported_llada_and_dream_load_in_transformers(tmp_path, family, tied):
     from test_hf import FAMILIES, random_params
 
     config = dataclasses.replace(FAMILIES[family], tie_word_embeddings=tied)
-    model = nnx.merge(nnx.split(hf.abstract_model(config))[0], random_params(config, seed=11))
+    model = nnx.merge(nnx.split(abstract_model(config))[0], random_params(config, seed=11))
     out = hf.save_hf_model(model, tmp_path / family)
     assert {"configuration_" + family + ".py", "modeling_" + family + ".py", "diffusion_attention.py"} <= {
         p.name for p in out.iterdir()}
@@ -282,7 +282,7 @@ def test_exported_llada_and_dream_load_in_transformers(tmp_path, family, tied):
     assert type(loaded).__name__ == {"llada": "LLaDAModelLM", "dream": "DreamModel"}[family]
     assert loaded.dtype == torch.float32 and loaded.config.mask_token_id == config.mask_token_id
     # every tensor we wrote was used: the remote code's names are the key table's
-    assert set(loaded.state_dict()) >= {rule.name(layer) for rule in hf.key_table(config)
+    assert set(loaded.state_dict()) >= {rule.name(layer) for rule in hf_keys.key_table(config)
                                         for layer in (range(config.num_layers) if rule.stacked else [None])}
 
     tokens, valid, positions, segments = padded_full_attention_batch(seed=12)
@@ -308,7 +308,7 @@ def test_value_model_export_matches_ours_and_reads_back(tmp_path):
 
     from tradojax.models.value import value_model_from_policy
 
-    policy = nnx.merge(nnx.split(hf.abstract_model(TINY))[0], random_params(TINY, seed=13))
+    policy = nnx.merge(nnx.split(abstract_model(TINY))[0], random_params(TINY, seed=13))
     value = value_model_from_policy(policy)
     value.value_head[...] = jnp.asarray(0.2 * np.random.default_rng(14).normal(size=TINY.hidden_size), jnp.float32)
     out = hf.save_hf_value_model(value, tmp_path / "value")

@@ -22,8 +22,9 @@ from flax import nnx
 
 from tradojax.bootstrap import initialize_from_environment_checked, local_fsdp_mesh, say
 from tradojax.checkpoint import CheckpointError
-from tradojax.models.hf import load_hf_model, save_params_checkpoint
+from tradojax.models.hf import load_hf_model
 from tradojax.models.loading import export_model, load_model
+from tradojax.models.native import save_params_checkpoint
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 

@@ -25,8 +25,12 @@ from jax.sharding import SingleDeviceSharding
 
 from tradojax.checkpoint import CheckpointError, find_training_steps, read_training_step
 from tradojax.config import Config, ConfigError, ModelConfig, from_dict
+from tradojax.models.hf import load_hf_model, save_hf_model, save_hf_value_model
+from tradojax.models.hf_config import CONFIG_FILE
+from tradojax.models.native import load_params_checkpoint
 from tradojax.models.transformer import Decoder, abstract_model, init_model
 from tradojax.models.value import ValueModel
+from tradojax.parallel.sharding import param_sharding
 
 VALUE_DIR = "value"  # an export's value model: <export>/value/
 
@@ -55,8 +59,6 @@ def run_model_config(meta: dict, folder: Path | str) -> ModelConfig:
 
 def _targets(abstract: nnx.State, mesh, role: str) -> Any:
     """ShapeDtypeStructs of `abstract` in their shardings (on `mesh` for `role`, else local device 0)."""
-    from tradojax.parallel.sharding import param_sharding
-
     device = SingleDeviceSharding(jax.local_devices()[0])
 
     def target(path, leaf):
@@ -101,7 +103,7 @@ def model_source_kind(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory")
-    if (path / "config.json").is_file():
+    if (path / CONFIG_FILE).is_file():
         return "hf"
     if (path / "config").is_dir() and (path / "params").is_dir():
         return "params"
@@ -120,12 +122,10 @@ def load_model(path: str | os.PathLike, *, step: int | None = None, mesh=None, r
         raise CheckpointError(f"{path}: a step ({step}) can only be chosen in a training run")
     if kind == "run":
         return load_run(path, step=step, mesh=mesh, role=role, with_value=with_value, log=log)
-    from tradojax.models import hf
-
     if kind == "hf":
-        model, _ = hf.load_hf_model(path, mesh=mesh, role=role)
+        model, _ = load_hf_model(path, mesh=mesh, role=role)
         return LoadedModel(model, None, str(path))
-    config, params = hf.load_params_checkpoint(path, mesh=mesh, role=role)
+    config, params = load_params_checkpoint(path, mesh=mesh, role=role)
     return LoadedModel(nnx.merge(nnx.split(abstract_model(config))[0], params), None, str(path))
 
 
@@ -145,10 +145,8 @@ def export_model(policy: Decoder, out_dir: str | os.PathLike, *, value: ValueMod
     checkpoint of the policy's family (its unused LM head included) plus `value_head.weight`
     [1, hidden] (a bias-free Linear(hidden, 1) over the final-normed hidden states).
     """
-    from tradojax.models import hf
-
     sizes = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
-    out = hf.save_hf_model(policy, out_dir, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite, **sizes)
+    out = save_hf_model(policy, out_dir, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite, **sizes)
     if value is not None:
-        hf.save_hf_value_model(value, out / VALUE_DIR, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite, **sizes)
+        save_hf_value_model(value, out / VALUE_DIR, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite, **sizes)
     return out
