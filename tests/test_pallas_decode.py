@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 from jax.experimental import pallas as pl
 
-from tradojax.config import ModelConfig
+from helpers import TINY_MODEL
 from tradojax.models import transformer
 from tradojax.ops import attention
 from tradojax.ops.pallas import decode, dispatch
@@ -147,7 +147,7 @@ def test_dispatch_on_cpu_interprets_the_tpu_kernel_and_rejects_bad_shapes():
 
 def test_model_cached_decode_with_pallas_equals_reference():
     """Prefill, decode_block (commit and not) and the fused save of the tiny model: impl="pallas" == "reference"."""
-    config = ModelConfig(attention_impl="reference")
+    config = dataclasses.replace(TINY_MODEL, attention_impl="reference")
     graphdef, params = nnx.split(transformer.init_model(config, seed=0))
     pallas_graphdef, _ = nnx.split(transformer.init_model(dataclasses.replace(config, attention_impl="pallas"), seed=0))
     rng = np.random.default_rng(0)

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tradojax.config import ModelConfig
+from helpers import TINY_MODEL
 from tradojax.models import transformer
 from tradojax.ops import attention, masks
 from tradojax.ops.masks import BlockAlignment, MaskRule, Segments
@@ -217,7 +217,7 @@ def test_auto_impl_is_reference_on_cpu():
 
 def test_model_logits_with_pallas_equal_reference():
     """The tiny model on the training layout: impl="pallas" (interpret) == impl="reference"."""
-    config = ModelConfig(attention_impl="reference")
+    config = dataclasses.replace(TINY_MODEL, attention_impl="reference")
     graphdef, params = nnx.split(transformer.init_model(config, seed=0))
     pallas_graphdef, _ = nnx.split(transformer.init_model(dataclasses.replace(config, attention_impl="pallas"), seed=0))
     prompt_valid = np.array([[True] * 9, [False] * 4 + [True] * 5])

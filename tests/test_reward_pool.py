@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from tradojax.data.readers import MathTask, code_task_from_dict
 from tradojax.rewards import RewardPool, RewardResult, SandboxLimits, score_responses
 from tradojax.rewards.sandbox import list_sandbox_processes
 from proc_tree import descendants
@@ -49,6 +50,22 @@ def is_alive(pid: int) -> bool:
 def pool():
     with RewardPool(2, math_time_limit_s=5.0, code_limits=LIMITS, code_slack_s=3.0) as shared:
         yield shared
+
+
+def test_typed_tasks_score_as_their_json_forms(pool: RewardPool) -> None:
+    """The data layer's MathTask / CodeTask go to the pool as they are (no dict round trip) and
+    score exactly as their JSON forms do."""
+    math_tasks = [MathTask("1+1?", "2"), MathTask("Half?", "0.5")]
+    math_responses = ["\\boxed{2}", "\\boxed{1/3}"]
+    code_task = code_task_from_dict({"question": "Double.", "test_method": "stdio", "test_input": ["2\n", "5\n"],
+                                     "test_output": ["4", "10"]})
+    code_responses = [fenced("print(2 * int(input()))"), fenced("print(4)")]
+    for kind, tasks, responses in (("math", math_tasks, math_responses),
+                                   ("code", [code_task, code_task], code_responses)):
+        typed = pool.map(kind, tasks, responses)
+        as_json = pool.map(kind, [t.to_dict() for t in tasks], responses)
+        assert [(r.score, r.correct) for r in typed] == [(r.score, r.correct) for r in as_json]
+    assert [r.correct for r in typed] == [True, False] and [r.score for r in typed] == [2.0, 1.0]
 
 
 def test_results_come_back_in_input_order(pool: RewardPool) -> None:

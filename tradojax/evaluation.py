@@ -229,7 +229,7 @@ def evaluate(
                                        params=params).to_numpy()
             texts = [tokenizer.decode(r, skip_special_tokens=False) for r in rollout.responses()]
             tasks_of_rows = [task_range[i] for i in rollout.prompt_index]
-            scored = score_responses([items[t] for t in tasks_of_rows], texts, kind, pool=pool,
+            scored = score_responses([tasks[t] for t in tasks_of_rows], texts, kind, pool=pool,
                                      response_lengths=rollout.lengths.tolist(),
                                      max_tokens=sampling.max_new_tokens if config.eval.truncation_penalty else None)
             chunk_items = [{"strategy": strategy, "top_k": top_k, "task": int(t), "sample": r % k, "text": text,

@@ -37,6 +37,7 @@ import time
 from fractions import Fraction
 from typing import Any, Mapping
 
+from tradojax.data.readers import MathTask
 from tradojax.rewards import RewardResult
 
 NO_ANSWER = "Can not extract the answer!"
@@ -52,8 +53,11 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 
 
-def parse_math_task(item: Mapping[str, Any], where: str = "item") -> str:
-    """Validate a math item ``{"question", "ground_truth_answer"}``; return the ground truth."""
+def parse_math_task(item: Mapping[str, Any] | MathTask, where: str = "item") -> str:
+    """The ground truth of a `MathTask` (tradojax.data's), or of a math item dict
+    ``{"question", "ground_truth_answer"}`` after validating it."""
+    if isinstance(item, MathTask):
+        return item.ground_truth_answer
     if not isinstance(item, Mapping):
         raise ValueError(f"{where}: a math item must be a dict, got {type(item).__name__}")
     if "ground_truth_answer" not in item:

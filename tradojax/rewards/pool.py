@@ -544,7 +544,7 @@ def score_responses(
     """Score ``responses[i]`` against ``items[i]`` through a `RewardPool`; results in order.
 
     Args:
-        items: math items ``{"question", "ground_truth_answer"}`` or code items (spec 7).
+        items: `MathTask`s / `CodeTask`s (tradojax.data) or their JSON dicts (spec 7).
         responses: decoded response texts, one per item (repeat an item for k responses).
         kind: "math" or "code".
         pool: a running pool to use; without one, a temporary pool is started and closed.

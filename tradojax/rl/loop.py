@@ -408,7 +408,7 @@ class RLTrainer:
         clock = time.perf_counter()
         self._phase("reward")
         texts = [self.tokenizer.decode(r, skip_special_tokens=False) for r in responses]
-        items = [task_step.tasks[i].to_dict() for i in rollout.prompt_index]
+        items = [task_step.tasks[i] for i in rollout.prompt_index]  # typed tasks: no JSON round trip
         batch = pool.submit_batch(self.kind, items, texts, response_lengths=rollout.lengths.tolist(),
                                   max_tokens=self.sampling.max_new_tokens)
         rollout_prompts = [prompts[i] for i in rollout.prompt_index]
