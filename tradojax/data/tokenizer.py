@@ -23,6 +23,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from tradojax.data.synthetic import synthetic_math_tasks, synthetic_tokenizer_corpus
+
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -233,8 +235,6 @@ def _wrap_backend(backend: Tokenizer, *, model_max_length: int) -> PreTrainedTok
 
 def _default_tiny_corpus() -> list[str]:
     """Rendered prompts and solutions of the built-in synthetic tasks (deterministic)."""
-    from tradojax.data.synthetic import synthetic_math_tasks, synthetic_tokenizer_corpus
-
     tasks = []
     for difficulty in (1, 2, 3, 4, 5):
         tasks.extend(synthetic_math_tasks(200, seed=1000 + difficulty, difficulty=difficulty, unique=False))

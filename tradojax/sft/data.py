@@ -18,6 +18,8 @@ import numpy as np
 
 from tradojax.config import Config
 from tradojax.data.readers import DataFormatError, MathTask, iter_raw_records, sft_example_from_dict
+from tradojax.data.synthetic import synthetic_math_splits, synthetic_solution
+from tradojax.data.templates import encode_sft_example, encode_text, end_of_turn_text, llada_prompt, math_prompt
 from tradojax.sft.trainer import SFTPair
 from tradojax.training.row_masks import padded_steps
 
@@ -52,8 +54,6 @@ def _trace_from_step_map(step_map: tuple[int, ...], response_tokens: int, file: 
 def load_sft_pairs(path: str | os.PathLike, tokenizer: Any, *, vocab_size: int | None = None,
                    log: Callable[[str], None] = print) -> list[SFTPair]:
     """Reads and tokenises an SFT data file; DataFormatError names file, record and field."""
-    from tradojax.data.templates import encode_sft_example
-
     file = str(path)
     pairs, adjusted = [], []
     for location, record in iter_raw_records(path):
@@ -82,8 +82,6 @@ def synthetic_sft_pairs(num_examples: int, config: Config, tokenizer: Any) -> tu
     solution plus the end-of-turn text; the held-out tasks (`data.synthetic_eval_size` of them)
     serve held-out losses and sampling evals.
     """
-    from tradojax.data.synthetic import synthetic_math_splits
-
     data = config.data
     train_tasks, held_out = synthetic_math_splits(num_examples, data.synthetic_eval_size, data.seed,
                                                   data.synthetic_difficulty)
@@ -92,9 +90,6 @@ def synthetic_sft_pairs(num_examples: int, config: Config, tokenizer: Any) -> tu
 
 def synthetic_pair(task: MathTask, config: Config, tokenizer: Any) -> SFTPair:
     """One synthetic task as an SFT pair (prompt template by model family)."""
-    from tradojax.data.synthetic import synthetic_solution
-    from tradojax.data.templates import encode_text, end_of_turn_text, llada_prompt, math_prompt
-
     if config.model.family == "llada":
         prompt = llada_prompt(tokenizer, task.question)
     else:
