@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from helpers import config_path
+from tradojax import cli
 from tradojax.config import ConfigError, MeshConfig, load_config
 from tradojax.models.transformer import apply, init_model
 from tradojax.ops.masks import BlockAlignment, MaskRule
@@ -369,21 +370,21 @@ def test_cli_runs_end_to_end_and_writes_a_checkpoint(tmp_path, capsys):
 
 
 def test_cli_bad_input_names_the_file_and_line(tmp_path, capsys):
+    """Through the command line's entry: exit code 2 and the file, line and field named."""
     missing = tmp_path / "missing.jsonl"
-    assert sft_main(["--config", config_path("sft_tiny.py"), "--data", str(missing)]) == 2
+    assert cli.main(["sft", "--config", config_path("sft_tiny.py"), "--data", str(missing)]) == 2
     assert f"{missing}: file does not exist" in capsys.readouterr().err
 
     bad = tmp_path / "bad.jsonl"
     good = {"prompt": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "response": "ok<|im_end|>"}
     bad.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "x", "answer": "y"}) + "\n")
-    assert sft_main(["--config", config_path("sft_tiny.py"), "--data", str(bad)]) == 2
+    assert cli.main(["sft", "--config", config_path("sft_tiny.py"), "--data", str(bad)]) == 2
     assert f"{bad}: line 2: field 'response': missing required field" in capsys.readouterr().err
 
     negative = tmp_path / "negative.json"
     negative.write_text(json.dumps([good, dict(good, step_map=[1, -2])]))
-    assert sft_main(["--config", config_path("sft_tiny.py"), "--data", str(negative), "--mode", "trace"]) == 2
+    assert cli.main(["sft", "--config", config_path("sft_tiny.py"), "--data", str(negative), "--mode", "trace"]) == 2
     assert f"{negative}: item 1: field 'step_map': decoding steps must be >= 0" in capsys.readouterr().err
 
-    with pytest.raises(SystemExit):
-        sft_main(["--config", config_path("sft_tiny.py")])  # no data source
+    assert cli.main(["sft", "--config", config_path("sft_tiny.py")]) == 2  # no data source
     assert "--data FILE or --synthetic N" in capsys.readouterr().err
