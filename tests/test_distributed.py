@@ -7,6 +7,7 @@ The file is also the worker: `python tests/test_distributed.py WORKER_ID NUM POR
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -28,14 +29,14 @@ def problem():
     """The tiny model, optimizer and global batch: identical, deterministic, on every process."""
     from flax import nnx
 
-    from tradojax.config import ModelConfig, TrainConfig
+    from helpers import TINY_MODEL
+    from tradojax.config import TrainConfig
     from tradojax.models.transformer import init_model
     from tradojax.training.row_masks import random_mask
     from tradojax.training.rows import pack_rows
     from tradojax.training.step import make_optimizer
 
-    config = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+    config = dataclasses.replace(TINY_MODEL, max_position_embeddings=128)
     graphdef, params = nnx.split(init_model(config, seed=3))
     # eps 1e-3: the first Adam step is lr * g / (|g| + eps), smooth in g, so float noise from a
     # different reduction order cannot flip a tiny gradient's whole +-lr step
