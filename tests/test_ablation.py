@@ -5,6 +5,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tradojax.config import Config, apply_overrides, from_dict
 from tradojax.demo import default_config
@@ -23,6 +24,7 @@ def test_detrended_std_by_hand():
     assert ablation.detrended_std(np.array([0.2, 0.9])) == 0.0
 
 
+@pytest.mark.slow
 def test_reduced_ablation_runs_every_method_from_one_sft_model(tmp_path):
     config_dict = default_config()
     apply_overrides(config_dict, ["warm_start.steps=2", "warm_start.batch_size=8", "train.batch_size=8",

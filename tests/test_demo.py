@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from tradojax import cli
 
 
+@pytest.mark.slow
 def test_demo_writes_every_artefact(tmp_path, capsys):
     out = tmp_path / "demo"
     code = cli.main(["demo", "--out", str(out), "--config.warm_start.steps=3", "--config.rl.steps=1",

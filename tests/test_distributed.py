@@ -130,6 +130,7 @@ def run_processes(commands: list[list[str]], envs: list[dict], timeout_s: float)
     return outputs
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_update(tmp_path):
     out = tmp_path / "params.npz"
     port = free_port()
@@ -169,6 +170,7 @@ RL_ARGS = ["rl", "--config", "configs/tiny.py", "--config.rl.steps=2", "--config
 CLI = "import sys; from tradojax.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
+@pytest.mark.slow
 def test_two_process_rl_run_matches_one_process(tmp_path):
     """`tradojax rl` as two processes (2 CPU devices each, joined through the JAX_* environment) on a
     (data 2, fsdp 2) mesh: the same rollouts, rewards and updates as one process with 4 devices."""

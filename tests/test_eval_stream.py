@@ -55,6 +55,7 @@ def without_time(result):
     return dataclasses.replace(result, seconds=0.0)
 
 
+@pytest.mark.slow
 def test_a_stopped_eval_keeps_finished_chunks_and_resumes_to_the_uninterrupted_results(setup, tmp_path):
     whole = tmp_path / "whole.jsonl"
     ran = []

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"
@@ -22,6 +23,7 @@ def _text_of(cell) -> str:
     return "".join(parts)
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)

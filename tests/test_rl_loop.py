@@ -33,6 +33,7 @@ def leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_equals_an_uninterrupted_run(tmp_path, tokenizer):
     straight = make_trainer(tmp_path, tokenizer, ["rl.steps=2"], "straight")
     history = straight.run()
@@ -93,6 +94,7 @@ def test_trainer_recomputes_the_samplers_log_probs(tmp_path, tokenizer):
     assert metrics["sampler_trainer_logp_gap"] < 0.05, metrics["sampler_trainer_logp_gap"]
 
 
+@pytest.mark.slow
 def test_rl_tiny_warm_starts_then_resumes_without_redoing_sft(tmp_path, capsys):
     """`tradojax rl --config configs/rl_tiny.py` (reduced): SFT warm start, RL, then --resume continues
     RL from its checkpoint and does not train the warm start again."""
@@ -185,6 +187,7 @@ def test_reset_cosine_reproduces_the_originals_per_step_learning_rates(tmp_path,
     assert float(trainer.opt_state[-1].hyperparams["learning_rate"]) == pytest.approx(expected[-1], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_block_size_adaptation_by_rl_rollouts_at_4_rows_at_8(tmp_path, tokenizer):
     """The paper's recipe (5.8): roll out at b = 4 while TraceRL trains b = 8 rows, then continue
     with rollouts at b = 8 from the checkpoint."""

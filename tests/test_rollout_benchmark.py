@@ -4,9 +4,12 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "rollout.py"
 
 
+@pytest.mark.slow
 def test_quick_rollout_benchmark_writes_every_case(tmp_path):
     spec = importlib.util.spec_from_file_location("rollout_benchmark", BENCHMARK)
     module = importlib.util.module_from_spec(spec)

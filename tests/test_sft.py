@@ -194,6 +194,7 @@ def test_full_attention_loss_matches_float64_hand_computation(family):
     assert float(metrics["tokens"]) == rows.loss_mask.sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,mode", [("llada", "random_masking"), ("dream", "semi_ar")])
 def test_full_attention_sft_lowers_loss_on_a_repeated_batch(tmp_path, base, family, mode):
     config = full_config(family, "train.block_size=8", "train.steps=8")
@@ -210,6 +211,7 @@ def test_full_attention_sft_lowers_loss_on_a_repeated_batch(tmp_path, base, fami
 # ------------------------------------------------------------------------------------ the trainer
 
 
+@pytest.mark.slow
 def test_block_sft_lowers_held_out_loss_with_two_length_buckets(tmp_path, base, caplog):
     """Two buckets: every batch from one bucket, one compiled update per bucket shape, and the
     held-out loss (fixed masks, disjoint tasks) clearly falls."""
@@ -242,6 +244,7 @@ def test_block_sft_lowers_held_out_loss_with_two_length_buckets(tmp_path, base, 
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 25))
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_after_sigterm_and_after_a_crash(tmp_path, base):
     config = base[0]
     pairs = base[4]
@@ -314,6 +317,7 @@ def test_sharded_step_equals_unsharded(tmp_path, base):
     assert expected["layers"]["q_proj"].spec[1:3] == ("fsdp", "tensor")
 
 
+@pytest.mark.slow
 def test_block_size_adaptation_trains_at_8_and_evaluates_at_4_and_8(tmp_path, base):
     config, tokenizer, _, _, pairs, held_out_tasks = base
     adapted = sft_config("train.block_size=8", "train.steps=3", "sampling.max_new_tokens=8",
@@ -358,6 +362,7 @@ def test_buckets_pow2_multiple_single():
 # ------------------------------------------------------------------------------------ the command
 
 
+@pytest.mark.slow
 def test_cli_runs_end_to_end_and_writes_a_checkpoint(tmp_path, capsys):
     workdir = tmp_path / "run"
     code = sft_main(["--config", config_path("sft_tiny.py"), "--synthetic", "64", "--config.train.steps=3",
