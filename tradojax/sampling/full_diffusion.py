@@ -50,8 +50,12 @@ while it still had masks) at which it was unmasked; the log-prob is the token's 
 distribution it was drawn from (0 for greedy). Randomness: row r draws from
 `fold_in(fold_in(key(rng), row_ids[r]), step)`, so a row decodes the same in any batch.
 
-Compiled as one jitted function per (shapes, settings): a Python loop over the (few, static)
-blocks, each a `lax.while_loop` over its steps.
+Compiled as one jitted function per (shapes, settings): one `lax.while_loop` over (block, step).
+Options come from the config's `sampling` section (`FullDiffusionConfig.from_sampling`). On a
+mesh the rows are split over its data axes (the rollout's batch rule) and the K/V caches' kv_heads
+over `tensor`; at most `max_active` rows per data replica are resident: the rows run in waves of
+that many through the same compiled program (`FullDiffusionSampler`). With the Pallas attention
+the cached span runs on the decode kernel (`span_hidden`).
 """
 
 from __future__ import annotations
