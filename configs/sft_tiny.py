@@ -1,10 +1,10 @@
 """SFT of the tiny block-diffusion model (configs/tiny.py) on CPU, e.g.
 
     tradojax sft --config configs/sft_tiny.py --synthetic 512
-    tradojax sft --config configs/sft_tiny.py --data sft.jsonl --mode trace --resume
+    tradojax sft --config configs/sft_tiny.py --data sft.jsonl --config.sft.mode=trace --resume
     # block-size adaptation: train at block 8, evaluate at 4 and 8
     tradojax sft --config configs/sft_tiny.py --synthetic 512 --config.train.block_size=8 \\
-        --eval-every 50 --eval-block-sizes 4,8
+        --config.sft.eval_every=50 '--config.sft.eval_block_sizes=[4,8]'
 """
 
 import tiny  # configs/tiny.py (config files may import their siblings)

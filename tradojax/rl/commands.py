@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import sys
 from pathlib import Path
 
 from flax import nnx
@@ -16,6 +14,7 @@ from tradojax.data.tasks import load_tasks
 from tradojax.models.loading import export_model, load_policy
 from tradojax.rl.loop import RLTrainer
 from tradojax.sft.warm_start import warm_start
+from tradojax.training.run_loop import live_progress
 
 
 def rl_main(argv: list[str]) -> int:
@@ -54,26 +53,11 @@ def rl_main(argv: list[str]) -> int:
 
     keys = ("step", "reward", "accuracy", "response_length", "tokens_per_step", "kl", "clip_fraction",
             "entropy", "sampler_trainer_logp_gap", "value_loss", "step_s")
-
-    def line(metrics: dict) -> str:
-        shown = {k: v for k, v in metrics.items() if k in keys or (k.startswith("eval/") and k.endswith("/accuracy"))}
-        return json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in shown.items()})
-
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     # A live bar on stderr (a terminal only); one JSON line per step on stdout, for logs and scripts.
-    with Progress(TextColumn(f"[bold]{config.rl.method}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-                  TextColumn("{task.fields[phase]:<10}"), TextColumn("{task.fields[reward]}"), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=Console(stderr=True), disable=not sys.stderr.isatty()) as bar:
-        task = bar.add_task("rl", total=config.rl.steps, completed=0, phase="", reward="")
-
-        def on_step(metrics: dict) -> None:
-            bar.update(task, completed=metrics["step"], reward=f"reward {metrics['reward']:.3f}")
-            print(line(metrics), flush=True)
-
+    with live_progress(config.rl.method, config.rl.steps, keys=keys,
+                       headline=lambda metrics: f"reward {metrics['reward']:.3f}") as progress:
         try:
-            trainer.run(resume=args.resume, on_step=on_step, on_phase=lambda name: bar.update(task, phase=name))
+            trainer.run(resume=args.resume, on_step=progress.on_step, on_phase=progress.on_phase)
         except Preempted as stop:
             print(stop)
             return 0

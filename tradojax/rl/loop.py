@@ -2,6 +2,13 @@
 -> (value) -> policy update -> metrics -> checkpoint -> periodic eval (spec section 3.1, without
 the disk round trips).
 
+A step is four roles, run in order by `RLTrainer.run_step`: the rollout (the sampler generates
+from the current parameters), the reward (the host pool scores the responses while the device
+computes every candidate row's old log-probs), the value (filtering, old log-probs of the kept
+rows, and with a value model its GAE advantages and update) and the learner (the policy updates).
+Everything around the steps (placement, checkpoints and resume, SIGTERM, metrics, eval
+scheduling, reporting) is the shared shell, `tradojax.training.run_loop.RunLoop`.
+
 The sampler reads the policy parameters in memory; rewards are scored by a host process pool
 while the device computes the old log-probs of every candidate row; rows carry the generated
 token ids and traces, never re-tokenised text. A SIGTERM (a preempted TPU VM) finishes the
@@ -16,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,21 +32,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tradojax.checkpoint import Preempted, TrainCheckpointer
-from tradojax.config import Config, ConfigError, to_dict
+from tradojax.config import Config, to_dict
+from tradojax.data.pipeline import TaskSampler
 from tradojax.data.tasks import task_kind
-from tradojax.metrics import MetricWriter
+from tradojax.data.templates import task_prompt
+from tradojax.evaluation import evaluate
 from tradojax.models.transformer import Decoder
 from tradojax.models.value import ValueModel, value_model_from_policy
 from tradojax.ops.masks import BlockAlignment
-from tradojax.parallel.mesh import batch_sharding, data_parallel_size
-from tradojax.parallel.sharding import place_state, shard_batch, shard_params, to_host
+from tradojax.parallel.mesh import batch_sharding
+from tradojax.parallel.sharding import to_host
+from tradojax.rewards import RewardPool
 from tradojax.rl.advantages import difficulty_filter, group_zscore, outcome_token_rewards, trace_gae
 from tradojax.rl.losses import policy_loss, value_loss
 from tradojax.rl.methods import row_builder
 from tradojax.sampling.block_diffusion import BlockDiffusionSampler, prompt_bucket
 from tradojax.training.row_masks import TraceRound
 from tradojax.training.rows import Rows, pack_rows, round_up
+from tradojax.training.run_loop import Preempted, RunLoop, check_batch_fits_mesh, eval_metrics
 from tradojax.training.step import (make_optimizer, make_train_step, masked_normaliser, noisy_token_logprobs,
                                    pin_layouts, with_learning_rate, within_step_cosine)
 
@@ -286,8 +295,9 @@ class RLTrainer:
                  eval_tasks=(), mesh=None, log: Callable[[str], None] = print):
         self.config = config
         self.tokenizer = tokenizer
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.loop = RunLoop(workdir, mesh=mesh, log=log)
+        self.workdir = self.loop.workdir
+        self.checkpointer = self.loop.checkpointer
         self.train_tasks = list(train_tasks)
         self.eval_tasks = list(eval_tasks)
         self.mesh = mesh
@@ -297,12 +307,8 @@ class RLTrainer:
         self.sampling = rollout_sampling(config)
         self.sampler = BlockDiffusionSampler(policy, self.sampling, mesh=mesh)
         self.graphdef, self.params = nnx.split(policy)
-        if mesh is not None:
-            dp = data_parallel_size(mesh)
-            if config.train.batch_size % dp or (config.train.micro_batch_size and config.train.micro_batch_size % dp):
-                raise ConfigError(f"train.batch_size={config.train.batch_size} (and micro_batch_size) must be divisible "
-                                  f"by the mesh's data-parallel size {dp}")
-            self.params = shard_params(self.params, mesh, "train")
+        check_batch_fits_mesh(config.train, mesh)
+        self.params = self.loop.shard_params(self.params)
         self.tx, self.value_tx = optimizers(config)
         self.opt_state = self._place_state(self.tx.init(self.params))
         self.ref_params = jax.tree.map(jnp.copy, self.params) if rl.kl_reference == "initial" else None
@@ -310,48 +316,36 @@ class RLTrainer:
         if rl.value_model:
             value = value_model_from_policy(policy)
             self.value_graphdef, self.value_params = nnx.split(value)
-            if mesh is not None:
-                self.value_params = shard_params(self.value_params, mesh, "train")
+            self.value_params = self.loop.shard_params(self.value_params)
             self.value_opt_state = self._place_state(self.value_tx.init(self.value_params))
         policy_step, value_step = update_steps(config, self.graphdef, self.tx, self.value_graphdef, self.value_tx)
         self.policy_step = self._pinned(policy_step, self.params, self.opt_state)
         if rl.value_model:
             self.value_step = self._pinned(value_step, self.value_params, self.value_opt_state)
-        from tradojax.data.pipeline import TaskSampler
-
         # Every host takes the whole step (shard 0 of 1): the rollout is one global batch split over the
         # mesh, gathered back to each host, which then scores and builds the same rows (host work is
         # repeated, device work is split); updates read each host's shards of those rows.
         self.task_sampler = TaskSampler(self.train_tasks, num_task_per_step=rl.num_tasks_per_step,
                                         num_response_per_task=rl.num_responses_per_task, seed=config.experiment.seed,
                                         shard_index=0, shard_count=1)
-        from tradojax.data.templates import task_prompt
-
         self._prompt_cache: dict[int, list[int]] = {}
         self._task_prompt = lambda task: list(task_prompt(
             tokenizer, task, start_with_think=config.data.start_with_think,
             strip_final_newline=config.data.strip_final_newline).token_ids)
         self.step = 0
         self.history: list[dict] = []
-        self.checkpointer = TrainCheckpointer(self.workdir / "checkpoints", log=log)
-        self._stop = False
-        self._on_phase: Callable[[str], None] | None = None
-
-    def _phase(self, name: str) -> None:
-        if self._on_phase is not None:
-            self._on_phase(name)
 
     # ------------------------------------------------------------------ placement
 
     def _place_state(self, tree: Any) -> Any:
-        return tree if self.mesh is None else place_state(tree, self.mesh)
+        return self.loop.place_state(tree, self.params)
 
     def _pinned(self, step_fn: Callable, params: Any, opt_state: Any) -> Callable:
         return step_fn if self.mesh is None else pin_layouts(step_fn, params, opt_state, self.mesh)
 
     def place(self, tree: Any) -> Any:
         """Host rows (or extras) on the devices: the batch axis split over the mesh's data axes."""
-        return jax.tree.map(jnp.asarray, tree) if self.mesh is None else shard_batch(tree, self.mesh)
+        return self.loop.place_batch(tree)
 
     def _step_learning_rates(self, peak: float, num_updates: int) -> list[float | None]:
         """Per-update learning rates set from the host ("reset_cosine"), else None (the optimizer's schedule)."""
@@ -370,19 +364,20 @@ class RLTrainer:
     def save(self) -> None:
         meta = {"step": self.step, "task_sampler": self.task_sampler.get_state(), "history": self.history,
                 "config": to_dict(self.config)}
-        self.checkpointer.save(self.step, self._trees(), meta)
+        self.loop.save(self.step, self._trees(), meta)
 
     def restore(self) -> bool:
-        if self.checkpointer.latest_step() is None:
+        """Loads the newest intact checkpoint of the workdir (damaged steps skipped); False if none."""
+        restored = self.loop.restore(self._trees())
+        if restored is None:
             return False
-        step, trees, meta = self.checkpointer.restore_latest_good(self._trees())
+        _, trees, meta = restored
         self.params, self.opt_state = trees["policy"], self._place_state(trees["policy_opt"])
         if self.config.rl.value_model:
             self.value_params, self.value_opt_state = trees["value"], self._place_state(trees["value_opt"])
         self.task_sampler.set_state(meta["task_sampler"])
         self.step = int(meta["step"])
         self.history = list(meta["history"])
-        self.log(f"resumed from {self.checkpointer.directory}/{step} (step {self.step})")
         return True
 
     # ------------------------------------------------------------------ one step
@@ -393,10 +388,12 @@ class RLTrainer:
         return self._prompt_cache[task_index]
 
     def run_step(self, pool) -> dict:
+        """The body of step `step` (0-based), role by role; returns its metrics (`step` not advanced)."""
         config, rl = self.config, self.config.rl
         timings: dict[str, float] = {}
+        # -- rollout role: the sampler generates from the current parameters
         clock = time.perf_counter()
-        self._phase("rollout")
+        self.loop.phase("rollout")
         task_step = self.task_sampler.step_tasks(self.step)
         prompts = [self.prompt_ids(i, t) for i, t in zip(task_step.task_indices, task_step.tasks)]
         key = jax.random.fold_in(jax.random.key(config.experiment.seed), self.step)
@@ -404,9 +401,9 @@ class RLTrainer:
         responses = rollout.responses()
         timings["rollout_s"] = time.perf_counter() - clock
 
-        # rewards on the host pool, while the device builds and scores every candidate row
+        # -- reward role: rewards on the host pool, while the device builds and scores every candidate row
         clock = time.perf_counter()
-        self._phase("reward")
+        self.loop.phase("reward")
         texts = [self.tokenizer.decode(r, skip_special_tokens=False) for r in responses]
         items = [task_step.tasks[i] for i in rollout.prompt_index]  # typed tasks: no JSON round trip
         batch = pool.submit_batch(self.kind, items, texts, response_lengths=rollout.lengths.tolist(),
@@ -445,8 +442,9 @@ class RLTrainer:
         prompt_fits = np.array([len(p) <= config.train.max_prompt_len for p in rollout_prompts])
         metrics["dropped_long_prompts"] = int((~prompt_fits).sum())
 
+        # -- value role: the kept rows, their old log-probs and advantages (GAE with a value model)
         clock = time.perf_counter()
-        self._phase("value")
+        self.loop.phase("value")
         row_keep = (keep & prompt_fits)[all_rows.response] & (np.arange(len(all_rows.response)) < all_rows.num_real)
         if not row_keep.any():
             self.log(f"step {self.step + 1}: every group filtered out (accuracy {metrics['accuracy']:.3f}); no update")
@@ -472,8 +470,9 @@ class RLTrainer:
             row_advantages = response_adv[step_rows.response].astype(np.float32)
         timings["value_s"] = time.perf_counter() - clock
 
+        # -- learner role: the policy updates
         clock = time.perf_counter()
-        self._phase("update")
+        self.loop.phase("update")
         if rl.optimizer_per_step != "keep":
             self.opt_state = self._place_state(self.tx.init(self.params))
         ref_logp = (to_host(_chunked(_logprobs, self.graphdef, self.ref_params, step_rows.rows,
@@ -549,12 +548,17 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ the run
 
-    def evaluate(self, pool) -> list[dict]:
-        from tradojax.evaluation import evaluate
+    def train_step(self, pool) -> dict:
+        """One RL step (`run_step`) as the run loop takes it: advances `step`."""
+        metrics = self.run_step(pool)
+        self.step += 1
+        return metrics
 
+    def evaluate(self, pool) -> dict:
+        """Eval accuracy and mean length of the current policy per (strategy, top_k)."""
         results = evaluate(self.sampler_model(), self.tokenizer, self.eval_tasks, self.config, pool=pool,
                            mesh=self.mesh, seed=self.config.experiment.seed)
-        return [r.summary() for r in results]
+        return eval_metrics(results)
 
     def sampler_model(self) -> Decoder:
         return nnx.merge(self.graphdef, self.params)
@@ -564,45 +568,11 @@ class RLTrainer:
         """Runs to `rl.steps`. `on_step` gets each step's metrics, `on_phase` the name of each phase
         as it starts (rollout, reward, value, update: the `*_s` timings; eval, checkpoint): both on
         process 0 only."""
-        from tradojax.rewards import RewardPool
-
-        config, rl = self.config, self.config.rl
-        self._on_phase = on_phase if jax.process_index() == 0 else None
-        if resume:
-            self.restore()
-        previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        writer = MetricWriter(self.workdir, "metrics.jsonl", history=self.history)  # writes on process 0
-        try:
-            with RewardPool(num_workers=rl.reward_workers) as pool:
-                while self.step < rl.steps:
-                    start = time.perf_counter()
-                    metrics = self.run_step(pool)
-                    self.step += 1
-                    if self.eval_tasks and (self.step % rl.eval_every == 0 or self.step == rl.steps):
-                        self._phase("eval")
-                        for result in self.evaluate(pool):
-                            tag = f"{result['strategy']}_k{result['top_k']}"
-                            metrics[f"eval/{tag}/accuracy"] = result["accuracy"]
-                            metrics[f"eval/{tag}/mean_length"] = result["mean_length"]
-                    metrics["step_s"] = time.perf_counter() - start
-                    self.history.append(metrics)
-                    writer.write(metrics)
-                    if on_step is not None and jax.process_index() == 0:  # process 0 reports for all hosts
-                        on_step(metrics)
-                    if self.step % rl.save_every == 0 or self.step == rl.steps or self._stop:
-                        self._phase("checkpoint")
-                        self.save()
-                    if self._stop:
-                        raise Preempted(f"SIGTERM: saved step {self.step} to {self.checkpointer.directory}")
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            writer.close()
-        return self.history
-
-    def _on_sigterm(self, signum, frame) -> None:
-        self.log("SIGTERM received: finishing this step, then saving and exiting")
-        self._stop = True
+        rl = self.config.rl
+        return self.loop.run(self, steps=rl.steps, save_every=rl.save_every,
+                             eval_every=rl.eval_every if self.eval_tasks else 0, resume=resume,
+                             resources=lambda: RewardPool(num_workers=rl.reward_workers),
+                             on_step=on_step, on_phase=on_phase)
 
 
 def _select_rows(all_rows: StepRows, keep: np.ndarray, batch_size: int) -> StepRows:

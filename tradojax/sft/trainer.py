@@ -17,34 +17,28 @@ Parameters and row batches are sharded on a mesh when one is given (the `train` 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
-import signal
-import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from tradojax.checkpoint import CheckpointError, Preempted, TrainCheckpointer
 from tradojax.config import Config, TrainConfig, to_dict
-from tradojax.metrics import MetricWriter
+from tradojax.evaluation import evaluate
 from tradojax.models.transformer import Decoder
 from tradojax.ops.masks import BlockAlignment
-from tradojax.parallel.sharding import place_state, shard_batch, shard_params
+from tradojax.rewards import RewardPool
 from tradojax.sft.batches import BatchPlan, PlannedBatch, assign_buckets
 from tradojax.sft.config import SFTConfig
 from tradojax.training.row_masks import (full_trace_masks, random_mask, random_masking_masks, semi_ar_masks,
                                         trace_rounds)
 from tradojax.training.rows import RowLayout, Rows, pack_rows, round_up
+from tradojax.training.run_loop import Preempted, RunLoop, check_batch_fits_mesh, compiled_update, eval_metrics
 from tradojax.training.step import make_optimizer, make_schedule, make_train_step, pin_layouts, sft_loss
 
 _MASK_SALT = 0x5F7  # keeps SFT mask streams apart from other seeded streams
@@ -187,7 +181,7 @@ class SFTTrainer:
       policy: the model to fine-tune (its family picks the row layout).
       pairs: training examples; `held_out`: examples for `held_out_loss` (fixed masks).
       mode: shorthand for `sft.mode` (kept for callers that pass only a mode).
-      sft: row, bucket, save and eval options (`SFTConfig`).
+      sft: row, bucket, save and eval options (default `config.sft`; mode "auto": the family's).
       mesh: shard parameters, optimizer state and rows on it (`config.mesh` via `make_mesh`).
       tokenizer, eval_tasks: for sampling evals (`evaluate_sampling`, sdar only).
     """
@@ -196,19 +190,20 @@ class SFTTrainer:
                  mode: str | None = None, held_out: Sequence[SFTPair] = (), log: Callable[[str], None] = print,
                  sft: SFTConfig | None = None, mesh: Mesh | None = None, tokenizer: Any = None,
                  eval_tasks: Sequence[Any] = ()):
-        sft = sft or SFTConfig()
+        sft = sft or config.sft
         if mode is not None:
             sft = dataclasses.replace(sft, mode=mode)
         if policy.config != config.model:  # e.g. a Hugging Face checkpoint: its own config.json wins
             log(f"SFT: using the policy's model config (family {policy.config.family!r}, block_size "
                 f"{policy.config.block_size}) instead of config.model")
             config = dataclasses.replace(config, model=policy.config)
-        sft.check_family(config.model.family)
+        sft = sft.for_family(config.model.family)
         self.config, self.sft, self.mode = config, sft, sft.mode
         self.family = config.model.family
         self.log = log
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.loop = RunLoop(workdir, mesh=mesh, log=log, label="SFT", metrics_file="sft_metrics.jsonl",
+                            tb_prefix="sft/")
+        self.workdir, self.checkpointer = self.loop.workdir, self.loop.checkpointer
         self.mesh = mesh
         self.tokenizer = tokenizer
         self.eval_tasks = list(eval_tasks)
@@ -217,13 +212,7 @@ class SFTTrainer:
         if not self.pairs:
             raise ValueError("SFT needs at least one example (after dropping over-long prompts)")
         train = config.train
-        if mesh is not None:
-            from tradojax.parallel.mesh import data_parallel_size
-
-            dp = data_parallel_size(mesh)
-            if train.batch_size % dp or (train.micro_batch_size and train.micro_batch_size % dp):
-                raise ValueError(f"train.batch_size={train.batch_size} (and micro_batch_size) must be divisible by "
-                                 f"the mesh's data-parallel size {dp}")
+        check_batch_fits_mesh(train, mesh)
 
         everything = self.pairs + self.held_out
         buckets = assign_buckets([len(p.prompt) for p in everything], [len(p.response) for p in everything], sft,
@@ -242,11 +231,7 @@ class SFTTrainer:
         self.graphdef, params = nnx.split(policy)
         # full-attention rows: each row's mean NLL over its trained tokens (the original's LLaDA/Dream rule)
         self.loss_fn = _LOSSES[train.loss_normalization if self.family == "sdar" else "tokens"]
-        if mesh is not None:
-            params = shard_params(params, mesh, "train")
-        else:
-            params = place_state(params, None, _first_device(params))
-        self.params = params
+        self.params = self.loop.shard_params(params)
         self.tx, self.step_fn = _train_step(self.graphdef, train, self.loss_fn)
         self.schedule = make_schedule(train)
         self.opt_state = self._on_mesh(self.tx.init(self.params))
@@ -254,8 +239,6 @@ class SFTTrainer:
             self.step_fn = pin_layouts(self.step_fn, self.params, self.opt_state, mesh)
         self.step = 0
         self.history: list[dict] = []
-        self.checkpointer = TrainCheckpointer(self.workdir / "checkpoints")
-        self._stop = False
 
     # ------------------------------------------------------------------ rows
 
@@ -300,17 +283,16 @@ class SFTTrainer:
     # ------------------------------------------------------------------ placement
 
     def _on_mesh(self, tree: Any) -> Any:
-        return place_state(tree, self.mesh, _first_device(self.params))
+        return self.loop.place_state(tree, self.params)
 
     def place_rows(self, rows: Rows) -> Rows:
         """Device rows: the batch axis sharded over the mesh's data axes (or one device)."""
-        return jax.tree.map(jnp.asarray, rows) if self.mesh is None else shard_batch(rows, self.mesh)
+        return self.loop.place_batch(rows)
 
     # ------------------------------------------------------------------ steps and evals
 
-    def train_step(self) -> dict:
-        """One update; returns its metrics record."""
-        start = time.perf_counter()
+    def train_step(self, resources: Any = None) -> dict:
+        """One update; returns its metrics record (`resources`: the run loop's, unused)."""
         rows, real, epoch, planned = self.rows_for_step(self.step)
         learning_rate = float(self.schedule(self.step))
         self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, self.place_rows(rows))
@@ -318,7 +300,7 @@ class SFTTrainer:
         return {"step": self.step, "epoch": epoch, "loss": float(metrics["loss"]),
                 "nll_per_token": float(metrics["nll_per_token"]), "grad_norm": float(metrics["grad_norm"]),
                 "rows": real, "tokens": int(rows.loss_mask[:real].sum()), "bucket": list(planned.bucket),
-                "learning_rate": learning_rate, "step_s": time.perf_counter() - start}
+                "learning_rate": learning_rate}
 
     def held_out_loss(self) -> float:
         """Mean SFT loss over the held-out rows under fixed masks (seed 0)."""
@@ -339,8 +321,6 @@ class SFTTrainer:
 
         Denoising steps scale with the block (steps/block kept, e.g. 4/4 -> 8/8).
         """
-        from tradojax.evaluation import evaluate
-
         if self.family != "sdar":
             raise ValueError("sampling evals need the block-diffusion sampler (model.family 'sdar'), "
                              f"got {self.family!r}")
@@ -365,11 +345,7 @@ class SFTTrainer:
             record["held_out_loss"] = self.held_out_loss()
         if self.eval_tasks and self.tokenizer is not None and self.family == "sdar":
             for block, results in self.evaluate_sampling(pool=pool).items():
-                for result in results:
-                    tag = f"eval/b{block}/{result.strategy}_k{result.top_k}"
-                    record[f"{tag}/accuracy"] = result.accuracy
-                    record[f"{tag}/mean_length"] = result.mean_length
-                    record[f"{tag}/tokens_per_step"] = result.tokens_per_step
+                record |= eval_metrics(results, f"eval/b{block}/", ("accuracy", "mean_length", "tokens_per_step"))
         return record
 
     def policy(self) -> Decoder:
@@ -390,23 +366,25 @@ class SFTTrainer:
 
     def save(self) -> None:
         """Checkpoints params, optimizer state and the run record at the current step."""
-        self.checkpointer.save(self.step, {"policy": self.params, "policy_opt": self.opt_state}, self._meta())
+        self.loop.save(self.step, {"policy": self.params, "policy_opt": self.opt_state}, self._meta())
 
     def restore(self) -> bool:
-        """Loads the latest checkpoint of the workdir (False if there is none)."""
-        if self.checkpointer.latest_step() is None:
+        """Loads the newest intact checkpoint of the workdir (damaged steps skipped); False if none.
+        A checkpoint of other data or batching is a CheckpointError."""
+        def other_plan(meta: dict) -> str | None:
+            saved_plan = meta.get("plan")
+            if saved_plan is None or saved_plan == json.loads(json.dumps(self.plan.fingerprint())):
+                return None
+            return (f"{self.checkpointer.directory}/{meta['step']}: the checkpoint was trained on other data or "
+                    f"batching (saved {saved_plan}, now {self.plan.fingerprint()}); resume needs the same examples, "
+                    "mode, buckets, batch size and seed")
+
+        restored = self.loop.restore({"policy": self.params, "policy_opt": self.opt_state}, refuse=other_plan)
+        if restored is None:
             return False
-        step, meta = self.checkpointer.restore_meta()
-        saved_plan = meta.get("plan")
-        if saved_plan is not None and saved_plan != json.loads(json.dumps(self.plan.fingerprint())):
-            raise CheckpointError(
-                f"{self.checkpointer.directory}/{step}: the checkpoint was trained on other data or batching "
-                f"(saved {saved_plan}, now {self.plan.fingerprint()}); resume needs the same examples, mode, "
-                "buckets, batch size and seed")
-        trees = self.checkpointer.restore(step, {"policy": self.params, "policy_opt": self.opt_state})
+        _, trees, meta = restored
         self.params, self.opt_state = trees["policy"], self._on_mesh(trees["policy_opt"])
         self.step, self.history = int(meta["step"]), list(meta["history"])
-        self.log(f"resumed SFT from {self.checkpointer.directory}/{step} (step {self.step})")
         return True
 
     # ------------------------------------------------------------------ the run
@@ -415,65 +393,21 @@ class SFTTrainer:
             on_step: Callable[[dict], None] | None = None) -> list[dict]:
         """Trains to `config.train.steps`; saves every `save_every` steps and at the end, evaluates
         every `eval_every` (defaults: `sft.save_every` / `sft.eval_every`; 0 = never). A SIGTERM
-        finishes the current step, saves, and raises `Preempted`."""
+        finishes the current step, saves, and raises `Preempted`. `on_step`: on process 0."""
         save_every = self.sft.save_every if save_every is None else save_every
         eval_every = self.sft.eval_every if eval_every is None else eval_every
-        if resume:
-            self.restore()
-        total = self.config.train.steps
         sampling_evals = eval_every and self.eval_tasks and self.tokenizer is not None and self.family == "sdar"
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(self._sigterm_handler())
-            writer = stack.enter_context(MetricWriter(self.workdir, "sft_metrics.jsonl", history=self.history,
-                                                      tb_prefix="sft/"))
-            pool = None
-            if sampling_evals:
-                from tradojax.rewards import RewardPool
-
-                pool = stack.enter_context(RewardPool(num_workers=self.config.rl.reward_workers))
-            while self.step < total:
-                record = self.train_step()
-                if eval_every and (self.step % eval_every == 0 or self.step == total):
-                    record |= self.evaluate(pool)
-                self.history.append(record)
-                writer.write(record)
-                if on_step is not None:
-                    on_step(record)
-                if (save_every and (self.step % save_every == 0 or self.step == total)) or self._stop:
-                    self.save()
-                if self._stop:
-                    raise Preempted(f"SIGTERM: saved SFT step {self.step} to {self.checkpointer.directory}")
-        return self.history
-
-    @contextlib.contextmanager
-    def _sigterm_handler(self):
-        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-            yield
-            return
-
-        def on_sigterm(signum, frame):
-            self.log("SIGTERM received: finishing this step, then saving and exiting")
-            self._stop = True
-
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _first_device(tree: Any) -> jax.Device:
-    leaf = jax.tree.leaves(tree)[0]
-    return next(iter(leaf.devices())) if hasattr(leaf, "devices") else jax.devices()[0]
+        resources = None
+        if sampling_evals:
+            resources = lambda: RewardPool(num_workers=self.config.rl.reward_workers)  # noqa: E731
+        return self.loop.run(self, steps=self.config.train.steps, save_every=save_every, eval_every=eval_every,
+                             resume=resume, resources=resources, on_step=on_step)
 
 
 _LOSSES: dict[str, Callable] = {
     "padded_length": functools.partial(sft_loss, normalization="padded_length"),
     "tokens": functools.partial(sft_loss, normalization="tokens"),
 }
-_STEPS: dict[tuple, tuple[optax.GradientTransformation, Callable]] = {}
-
-
 def _train_step(graphdef: nnx.GraphDef, train: TrainConfig, loss_fn: Callable):
     """(optimizer, compiled update), shared by trainers of the same model, optimizer and loss, so
     a second trainer in a process (a resume, an adaptation run, tests) compiles nothing new."""
@@ -482,11 +416,12 @@ def _train_step(graphdef: nnx.GraphDef, train: TrainConfig, loss_fn: Callable):
         "max_grad_norm"))
     if train.schedule != "constant":  # a decaying schedule depends on the run length
         optimizer += (train.steps,)
-    key = (graphdef, optimizer, loss_fn, train.num_micro_batches)
-    if key not in _STEPS:
+
+    def build():
         tx = make_optimizer(train)
-        _STEPS[key] = (tx, make_train_step(graphdef, tx, loss_fn, train.num_micro_batches))
-    return _STEPS[key]
+        return tx, make_train_step(graphdef, tx, loss_fn, train.num_micro_batches)
+
+    return compiled_update(("sft", graphdef, optimizer, loss_fn, train.num_micro_batches), build)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn"))
