@@ -1,13 +1,13 @@
 """Imports point down: the README's layer map, checked on every import of every module under
 tradojax/ (those inside functions too), so the claim stays true.
 
-    config | checkpoint, metrics, parallel | data | rewards      beside the model code: none of it
+    config | checkpoint, metrics, parallel | data | rewards | bootstrap    beside the model code, none of it
     ops -> models -> sampling, training -> evaluation -> rl, sft -> commands
 
 A module may import its own unit and any unit of a lower rank. Units of the same rank are siblings
 and do not import each other (rl and sft: the SFT warm start before RL is wired by the `rl`
-command). Commands (`cli`, `aot`, `demo`, `bootstrap`'s users: every `*/commands.py`, `data/prepare.py`
-for `tradojax data`) may import anything.
+command). Commands (`cli.py`, `aot.py`, `demo.py`, every `*/commands.py`, and `data/prepare.py` for
+`tradojax data`) may import anything.
 """
 
 from __future__ import annotations
