@@ -11,11 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from helpers import config_path
 
 from tradojax.checkpoint import COMMIT_MARKER
 from tradojax.config import ConfigError, MeshConfig, TrainConfig, load_config
+from tradojax.data.tokenizer import tokenizer_from_name
+from tradojax.models.transformer import init_model
 from tradojax.parallel.mesh import make_mesh
+from tradojax.sft.data import synthetic_sft_pairs
+from tradojax.sft.trainer import SFTTrainer
 from tradojax.training.run_loop import Preempted, RunLoop, check_batch_fits_mesh
 
 
@@ -141,19 +146,12 @@ def test_batch_must_split_over_the_data_axes():
         check_batch_fits_mesh(TrainConfig(batch_size=8, micro_batch_size=2), mesh)
 
 
-def test_sft_resume_skips_a_damaged_checkpoint_and_matches_a_straight_run(tmp_path):
+def test_sft_resume_skips_a_damaged_checkpoint_and_ends_as_the_uninterrupted_run(tmp_path):
     """A damaged SFT checkpoint (the latest step) is skipped with a message; training continues
     from the step before and ends on the same parameters as an uninterrupted run."""
-    from flax import nnx
-
-    from tradojax.data.tokenizer import tokenizer_from_name
-    from tradojax.models.transformer import init_model
-    from tradojax.sft.data import synthetic_sft_pairs
-    from tradojax.sft.trainer import SFTTrainer
-
     config = load_config(config_path("sft_tiny.py"), ["train.batch_size=8", "train.learning_rate=3e-3",
-                                                 "train.schedule=constant", "train.warmup_steps=0",
-                                                 "model.num_layers=1", "train.steps=4"])
+                                                      "train.schedule=constant", "train.warmup_steps=0",
+                                                      "model.num_layers=1", "train.steps=4"])
     pairs, _ = synthetic_sft_pairs(16, config, tokenizer_from_name(config.tokenizer))
     graphdef, params = nnx.split(init_model(config.model, seed=0))
 
@@ -161,16 +159,14 @@ def test_sft_resume_skips_a_damaged_checkpoint_and_matches_a_straight_run(tmp_pa
         return SFTTrainer(config, nnx.merge(graphdef, jax.tree.map(jnp.copy, params)), pairs,
                           workdir=tmp_path / name, log=log)
 
-    straight = trainer("straight")
-    straight.run()
-
     def crash(record):
         if record["step"] == 4:
             raise RuntimeError("host lost")
 
-    first = trainer("run")
+    first = trainer("run")  # its parameters after step 4 are the uninterrupted run's
     with pytest.raises(RuntimeError, match="host lost"):
         first.run(save_every=1, on_step=crash)  # steps 1-3 saved, 4 lost
+    assert first.step == 4 and first.loop.checkpointer.all_steps() == [1, 2, 3]
     step_3 = tmp_path / "run" / "checkpoints" / "3"
     data_file = max((os.path.join(root, f) for root, _, names in os.walk(step_3 / "policy") for f in names),
                     key=os.path.getsize)
@@ -183,7 +179,7 @@ def test_sft_resume_skips_a_damaged_checkpoint_and_matches_a_straight_run(tmp_pa
     assert any(f"skipping damaged step 3 in {step_3}" in m for m in messages), messages
     assert any("resumed SFT from" in m and "(step 2)" in m for m in messages), messages
     assert [r["step"] for r in history] == [1, 2, 3, 4]
-    assert [r["loss"] for r in history] == [r["loss"] for r in straight.history]
-    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+    assert [r["loss"] for r in history] == [r["loss"] for r in first.history]
+    for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert any(p.startswith("3.damaged-") for p in os.listdir(tmp_path / "run" / "checkpoints"))
