@@ -21,7 +21,7 @@ import pytest
 DEVICES_PER_PROCESS = 2
 NUM_PROCESSES = 2
 ROWS, PROMPT_LENGTH, RESPONSE_LENGTH, MICRO_BATCHES = 8, 16, 16, 2
-TIMEOUT_S = 150
+TIMEOUT_S = 300  # a hang guard: two JAX processes compiling on a loaded 2-core box took 220 s
 REPO = Path(__file__).resolve().parents[1]
 
 
