@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from tradojax.ops.masks import MaskRule, Segments, dense_mask
+from tradojax.ops.pallas import dispatch
 
 _NEG = -1e30  # finite: a fully masked row gives a uniform softmax instead of NaN (never used)
 
@@ -40,8 +41,6 @@ def segment_attention(
     """Self-attention over one sequence layout under a mask rule (training, prefill, uncached)."""
     impl = resolve_impl(impl)
     if impl == "pallas":
-        from tradojax.ops.pallas import dispatch
-
         return dispatch.segment_attention(q, k, v, rule, segments)
     mask = dense_mask(rule, segments, segments, self_attention=True)
     return masked_attention(q, k, v, mask)
@@ -65,8 +64,6 @@ def cached_block_attention(
     """
     impl = resolve_impl(impl)
     if impl == "pallas":
-        from tradojax.ops.pallas import dispatch
-
         return dispatch.cached_block_attention(q, k_cache, v_cache, cache_length, k_block, v_block)
     return live_cache_attention(q, k_cache, v_cache, cache_length, k_block, v_block)
 

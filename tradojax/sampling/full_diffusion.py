@@ -75,6 +75,7 @@ from tradojax.config import ConfigError, SamplingConfig
 from tradojax.models.transformer import Decoder, per_layer_view
 from tradojax.ops import attention as attention_ops
 from tradojax.ops.masks import MaskRule, full_segments
+from tradojax.ops.pallas import dispatch
 from tradojax.parallel.axes import BATCH_AXES
 from tradojax.parallel.mesh import batch_sharding, data_parallel_size
 from tradojax.parallel.sharding import shard_batch, shard_params, state_shardings, to_host
@@ -413,8 +414,6 @@ def span_hidden(model: Decoder, span_tokens: jax.Array, q_start: jax.Array, pad_
     positions = q_start + jnp.arange(width, dtype=jnp.int32)[None, :] - pad_count[:, None]
     kernel = attention_ops.resolve_impl(model.config.attention_impl) == "pallas"
     if kernel:
-        from tradojax.ops.pallas import dispatch
-
         packing = dispatch.pack_visible_keys(key_visible, q_start, own)
     else:
         mask = jnp.broadcast_to(key_visible[:, None, :], (batch, width, key_visible.shape[1]))
