@@ -303,7 +303,6 @@ def test_eval_applies_no_truncation_penalty_unless_asked(monkeypatch, tokenizer)
     from tradojax import evaluation
     from tradojax.config import Config, EvalConfig, SamplingConfig
     from tradojax.data.readers import MathTask
-    from tradojax.sampling import block_diffusion
 
     answer = tokenizer.encode("so \\boxed{4}", add_special_tokens=False)
 
@@ -326,7 +325,7 @@ def test_eval_applies_no_truncation_penalty_unless_asked(monkeypatch, tokenizer)
         def generate(self, prompts, **kwargs):
             return FakeRollout(len(prompts) * self.sampling.num_samples)
 
-    monkeypatch.setattr(block_diffusion, "BlockDiffusionSampler", FakeSampler)
+    monkeypatch.setattr(evaluation, "sampler_for", FakeSampler)
     config = Config(sampling=SamplingConfig(max_new_tokens=len(answer)),
                     eval=EvalConfig(strategies=("low_confidence_static",), top_k=(1,), num_samples=2))
     tasks = [MathTask(question="2 + 2?", ground_truth_answer="4")]
