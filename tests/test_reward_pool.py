@@ -48,7 +48,7 @@ def is_alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def pool():
-    with RewardPool(2, math_time_limit_s=5.0, code_limits=LIMITS, code_slack_s=3.0) as shared:
+    with RewardPool(2, math_time_limit_s=10.0, code_limits=LIMITS, code_slack_s=3.0) as shared:
         yield shared
 
 
