@@ -16,8 +16,9 @@ gen_length 1024 only).
 
 Sized for v5p:2x2x1 (`tradojax aot --config=configs/rl_dream_7b.py --programs rollout,eval`): float32
 master weights and AdamW moments sharded over the chips, heads and MLP split over tensor=4, the
-rollout in waves of at most 32 rows (GQA keeps a wave's K/V caches at 1.9 GiB). The RL learner for
-full-attention models is not built yet: `tradojax aot` says so for its programs.
+rollout in waves of at most 32 rows (GQA keeps a wave's K/V caches at 1.9 GiB). The learner trains
+single-stream rows ([prompt | noisy response], spec 3.10); `--programs old_logprobs,policy_update`
+compiles it.
 """
 
 import ml_collections
@@ -46,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     )
     config.rl = dict(
         method="tracerl", steps=80, num_tasks_per_step=64, num_responses_per_task=16,
-        clip_eps=0.2, beta=0.01, kl_estimator="k3", kl_reference="rollout", shrink=8,
+        clip_eps=0.2, beta=0.01, kl_estimator="k3", kl_reference="rollout", shrink=8, mask_times_per_sample=35,
         difficulty_lower=0.2, difficulty_upper=0.8, save_every=10, eval_every=10, reward_workers=16,
     )
     config.eval = dict(strategies=["low_confidence_dynamic", "low_confidence_static"], top_k=[0, 1],

@@ -55,9 +55,9 @@ from tradojax.models.transformer import abstract_model
 from tradojax.models.value import ValueModel
 from tradojax.parallel.mesh import make_mesh
 from tradojax.parallel.sharding import state_shardings
-from tradojax.rl.loop import optimizers, rl_programs, rollout_sampling
+from tradojax.rl.loop import optimizers, rl_programs, rollout_sampling, row_layout
 from tradojax.sampling.block_diffusion import prompt_bucket
-from tradojax.sampling.full_diffusion import FAMILIES as FULL_ATTENTION_FAMILIES, sampler_for
+from tradojax.sampling.full_diffusion import sampler_for
 
 # High-bandwidth memory per chip, GiB (public Cloud TPU specs).
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
@@ -151,7 +151,7 @@ def for_tpu(config: Config, attention: str = "config") -> Config:
     return dataclasses.replace(config, model=dataclasses.replace(config.model, attention_impl=impl))
 
 
-# the learner's programs (`rl.loop.rl_programs`); full-attention families have no learner yet
+# the learner's programs (`rl.loop.rl_programs`): block-diffusion rows for SDAR, single-stream for LLaDA/Dream
 LEARNER_PROGRAMS = ("old_logprobs", "ref_logprobs", "policy_update", "old_values", "value_update")
 
 
@@ -209,13 +209,7 @@ def run_programs(config: Config, mesh: Mesh | None, command: str) -> RunPrograms
     rows = rl.num_tasks_per_step * rl.num_responses_per_task
     sampler = sampler_for(policy, rollout_sampling(config), mesh=mesh)
     programs = {f"rollout/{name}": p for name, p in sampler.programs(rows, config.train.max_prompt_len).items()}
-    not_compiled = {}
-    if config.model.family in FULL_ATTENTION_FAMILIES:  # the learner's rows are block-diffusion ones
-        not_compiled = dict.fromkeys(LEARNER_PROGRAMS, f"not compiled: the RL learner for full-attention models "
-                                                       f"({config.model.family}; TraceRL with shrinkage, spec 3.10) "
-                                                       f"is not built yet")
-    else:
-        programs.update(rl_programs(config, mesh, graphdef, train_params, opt_state, prompt_length=bucket, **value))
+    programs.update(rl_programs(config, mesh, graphdef, train_params, opt_state, prompt_length=bucket, **value))
     programs.update(eval_programs(config, mesh, policy)[0])
     everything = sum(held.values())
     args_held = {  # the trainer's state each learner program takes as arguments
@@ -225,8 +219,8 @@ def run_programs(config: Config, mesh: Mesh | None, command: str) -> RunPrograms
     resident = {name: everything - args_held.get(name, 0) for name in programs}
     shapes |= {"rollout_rows": rows, "new_tokens": config.sampling.max_new_tokens,
                "update_rows": config.train.batch_size, "micro_batch": config.train.micro_batch_size,
-               "update_length": bucket + 2 * config.sampling.max_new_tokens}
-    return RunPrograms(programs, resident, shapes, not_compiled)
+               "update_length": bucket + row_layout(config).response_copies * config.sampling.max_new_tokens}
+    return RunPrograms(programs, resident, shapes)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -316,6 +316,8 @@ class RLConfig:
     kl_estimator: Literal["k1", "k3"] = "k3"
     kl_reference: Literal["rollout", "initial"] = "rollout"  # the original: the rollout policy
     shrink: int = 1
+    # LLaDA/Dream random_masking and coupled: random rows per response (the original's default 35)
+    mask_times_per_sample: int = 1
     difficulty_lower: float = 0.2
     difficulty_upper: float = 0.8
     epochs_per_step: int = 1
@@ -338,7 +340,7 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "num_tasks_per_step", "num_responses_per_task", "shrink", "epochs_per_step",
-                     "train_value_every", "save_every", "eval_every", "reward_workers"):
+                     "train_value_every", "save_every", "eval_every", "reward_workers", "mask_times_per_sample"):
             if getattr(self, name) < 1:
                 _fail(f"rl.{name}", f"must be >= 1, got {getattr(self, name)}")
         if not 0 < self.clip_eps < 1:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tradojax.config import Config, to_dict
+from tradojax.config import Config, ConfigError, to_dict
 from tradojax.data.pipeline import TaskSampler
 from tradojax.data.tasks import task_kind
 from tradojax.data.templates import task_prompt
@@ -44,11 +44,13 @@ from tradojax.parallel.mesh import batch_sharding
 from tradojax.parallel.sharding import to_host
 from tradojax.rewards import RewardPool
 from tradojax.rl.advantages import difficulty_filter, group_zscore, outcome_token_rewards, trace_gae
+from tradojax.rl.full_rows import full_row_builder
 from tradojax.rl.losses import policy_loss, value_loss
 from tradojax.rl.methods import row_builder
-from tradojax.sampling.block_diffusion import BlockDiffusionSampler, prompt_bucket
+from tradojax.sampling.block_diffusion import prompt_bucket
+from tradojax.sampling.full_diffusion import FAMILIES as FULL_ATTENTION_FAMILIES, sampler_for
 from tradojax.training.row_masks import TraceRound
-from tradojax.training.rows import Rows, pack_rows, round_up
+from tradojax.training.rows import RowLayout, Rows, pack_rows, round_up
 from tradojax.training.run_loop import Preempted, RunLoop, check_batch_fits_mesh, eval_metrics
 from tradojax.training.step import (make_optimizer, make_train_step, masked_normaliser, noisy_token_logprobs,
                                    pin_layouts, with_learning_rate, within_step_cosine)
@@ -70,6 +72,11 @@ class StepRows:
     source: np.ndarray | None = None  # for a selection: the candidate row of each row
 
 
+def row_layout(config: Config) -> RowLayout:
+    """Full-attention families (LLaDA, Dream) train single-stream rows (spec 3.10, 4), SDAR dual-stream."""
+    return RowLayout.SINGLE_STREAM if config.model.family in FULL_ATTENTION_FAMILIES else RowLayout.DUAL_STREAM
+
+
 def build_step_rows(
     config: Config,
     prompts: Sequence[Sequence[int]],
@@ -80,7 +87,9 @@ def build_step_rows(
 ) -> StepRows | None:
     """Rows for every response, padded to a multiple of `train.batch_size` rows."""
     train, rl = config.train, config.rl
-    builder = row_builder(rl.method)
+    layout = row_layout(config)
+    builder = (full_row_builder(rl.method, rl.mask_times_per_sample) if layout is RowLayout.SINGLE_STREAM
+               else row_builder(rl.method))
     alignment = BlockAlignment(train.block_alignment)
     response_length = config.sampling.max_new_tokens
     prompt_ids, response_ids, noisy, trained, origin, rounds = [], [], [], [], [], []
@@ -114,7 +123,7 @@ def build_step_rows(
     rows = pack_rows(prompt_ids, response_ids, noisy, trained, prompt_length=prompt_length,
                      response_length=response_length, pad_id=config.model.pad_token_id,
                      mask_id=config.model.mask_token_id, block_size=train.block_size, alignment=alignment,
-                     weights=weights)
+                     weights=weights, layout=layout)
     return StepRows(rows=rows, response=np.asarray(origin), rounds=rounds, num_real=num_real)
 
 
@@ -164,9 +173,11 @@ def policy_loss_fn(config: Config):
         logp = noisy_token_logprobs(model, rows)
         normaliser = masked_normaliser(rows, train.loss_normalization)
         ref = extra.get("ref_logp")
+        # LLaDA/Dream (single-stream rows) sum the KL over a row's tokens (spec 3.10)
+        kl_normaliser = jnp.ones_like(normaliser) if rows.layout is RowLayout.SINGLE_STREAM else None
         loss, metrics = policy_loss(logp, extra["old_logp"], extra["advantages"], rows.loss_mask, normaliser,
                                     clip_eps=rl.clip_eps, beta=rl.beta, kl_estimator=rl.kl_estimator,
-                                    ref_logp=ref, row_weights=rows.weights)
+                                    ref_logp=ref, row_weights=rows.weights, kl_normaliser=kl_normaliser)
         return loss, metrics
 
     return loss_fn
@@ -242,7 +253,7 @@ def rl_programs(config: Config, mesh, graphdef, params, opt_state, *, prompt_len
                     [np.ones(config.sampling.max_new_tokens, bool)], prompt_length=prompt_length,
                     response_length=config.sampling.max_new_tokens, pad_id=config.model.pad_token_id,
                     mask_id=config.model.mask_token_id, block_size=train.block_size,
-                    alignment=BlockAlignment(train.block_alignment))
+                    alignment=BlockAlignment(train.block_alignment), layout=row_layout(config))
 
     def batch_of(tree, rows: int):  # the leaves of `tree` with `rows` rows, placed as `RLTrainer.place` does
         def one_leaf(x):
@@ -305,7 +316,10 @@ class RLTrainer:
         rl = config.rl
         self.kind = task_kind(self.train_tasks)
         self.sampling = rollout_sampling(config)
-        self.sampler = BlockDiffusionSampler(policy, self.sampling, mesh=mesh)
+        if rl.value_model and policy.config.family in FULL_ATTENTION_FAMILIES:
+            raise ConfigError(f"rl.value_model: the value model (GAE over trace steps, spec 3.7) is for block-"
+                              f"diffusion models; the {policy.config.family} RL of the original has none (spec 3.10)")
+        self.sampler = sampler_for(policy, self.sampling, mesh=mesh)  # by the policy's family
         self.graphdef, self.params = nnx.split(policy)
         check_batch_fits_mesh(config.train, mesh)
         self.params = self.loop.shard_params(self.params)

@@ -25,8 +25,10 @@ def _row_mean(per_row, row_weights):
 
 
 def policy_loss(logp, old_logp, advantages, mask, normaliser, *, clip_eps: float, beta: float,
-                kl_estimator: str = "k3", ref_logp=None, row_weights=None):
-    """L = −mean_r (1/n_r) Σ_j min(ρA, clip(ρ, 1±ε)A) + β mean_r (1/n_r) Σ_j KL_j.
+                kl_estimator: str = "k3", ref_logp=None, row_weights=None, kl_normaliser=None):
+    """L = −mean_r (1/n_r) Σ_j min(ρA, clip(ρ, 1±ε)A) + β mean_r (1/k_r) Σ_j KL_j.
+
+    `kl_normaliser` k_r defaults to `normaliser` n_r (SDAR); LLaDA/Dream sum the KL (k_r = 1, spec 3.10).
 
     `advantages` is [B] (one per response) or [B, L1] (per token, value-model variant). The KL is
     to the rollout policy (old_logp), as in the original, or to `ref_logp` when given.
@@ -42,7 +44,8 @@ def policy_loss(logp, old_logp, advantages, mask, normaliser, *, clip_eps: float
     surrogate = jnp.minimum(unclipped, clipped)
     pg_loss = -_row_mean((surrogate * mask).sum(axis=1) / normaliser, row_weights)
     kl = kl_estimate(logp, old_logp if ref_logp is None else ref_logp, kl_estimator)
-    kl_loss = _row_mean((kl * mask).sum(axis=1) / normaliser, row_weights)
+    kl_loss = _row_mean((kl * mask).sum(axis=1) / (normaliser if kl_normaliser is None else kl_normaliser),
+                        row_weights)
     loss = pg_loss + beta * kl_loss
     tokens = jnp.maximum(mask.sum(), 1.0)
     metrics = {
