@@ -8,6 +8,9 @@
 5. measure held-out accuracy again, on the same tasks with the same sampling seed;
 6. write: metrics.json, curves.png (SFT loss, RL reward, held-out accuracy), trace.html (one
    answer's decode order, replayable) and hf/ (the model in Hugging Face SDAR form).
+
+`--config.model.family=llada` (or `dream`) runs the same pipeline on a full-attention model: its
+SFT, the full-attention sampler and TraceRL with shrinkage (`full_attention_config`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,25 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
+FULL_ATTENTION_FAMILIES = ("llada", "dream")  # sampling/full_diffusion.py's (not imported: no jax here)
+
+
+def full_attention_config(family: str) -> ml_collections.ConfigDict:
+    """The demo for a full-attention family (`--config.model.family=llada` or `dream`): the same
+    tasks, sizes and steps; the family's architecture (no qk-norm; LLaDA multi-head, Dream q/k/v
+    biases), its loss rule (each row divided by its trained-token count, spec 3.10) and TraceRL
+    with the paper's shrinkage s = 8 over the whole response (one row per 8 denoising steps)."""
+    config = default_config()
+    config.model.update(family=family, qk_norm=False)
+    if family == "llada":
+        config.model.num_kv_heads = config.model.num_heads
+    else:
+        config.model.qkv_bias = True
+    config.train.loss_normalization = "tokens"
+    config.rl.shrink = 8
+    return config
+
+
 def run_demo(config: Config, out: Path, *, log=print, tokenizer=None) -> dict:
     """The whole demo (module docstring); `tokenizer` defaults to the config's."""
     # The pipeline is imported here, not at the top: configs/demo.py and configs/rl_tiny.py import
@@ -75,7 +97,8 @@ def run_demo(config: Config, out: Path, *, log=print, tokenizer=None) -> dict:
 
     if config.warm_start is None:
         raise ConfigError("warm_start: the demo starts RL from an SFT model; the config needs a warm_start section")
-    log(f"[2/5] SFT: {config.model.num_params() / 1e6:.2f}M-parameter block-diffusion model, "
+    kind = "block-diffusion" if config.model.family not in FULL_ATTENTION_FAMILIES else config.model.family
+    log(f"[2/5] SFT: {config.model.num_params() / 1e6:.2f}M-parameter {kind} model, "
         f"{config.warm_start.steps} steps of {config.warm_start.batch_size} rows")
     sft_policy, sft_history = warm_start(
         config, load_policy(config), tokenizer, train_tasks, workdir=out / "sft", log=lambda line: log("      " + line))
@@ -145,7 +168,7 @@ def _write_artefacts(out, config, tokenizer, model, held_out, sft_history, rl_hi
     # imported here for the reason given in run_demo
     from tradojax.data.templates import math_prompt
     from tradojax.models.hf import save_hf_model
-    from tradojax.sampling.block_diffusion import BlockDiffusionSampler
+    from tradojax.sampling.full_diffusion import sampler_for
     from tradojax.sampling.trace_view import token_pieces, write_trace_page
 
     paths = []
@@ -173,7 +196,7 @@ def _write_artefacts(out, config, tokenizer, model, held_out, sft_history, rl_hi
     task = held_out[0]
     sampling = dataclasses.replace(config.sampling, num_samples=1)
     prompt = math_prompt(tokenizer, task.question)
-    rollout = BlockDiffusionSampler(model, sampling).generate([list(prompt.token_ids)], rng=7).to_numpy()
+    rollout = sampler_for(model, sampling).generate([list(prompt.token_ids)], rng=7).to_numpy()
     n = int(rollout.lengths[0])
     ids = rollout.tokens[0, :n].tolist()
     pieces, special = token_pieces(tokenizer, ids)
@@ -198,6 +221,9 @@ def main(argv: list[str]) -> int:
     def built_in(overrides: list[str]) -> Config:  # no --config: the demo's own settings
         config_dict = default_config()
         apply_overrides(config_dict, overrides)
+        if config_dict.model.family in FULL_ATTENTION_FAMILIES:  # that family's settings, then the overrides
+            config_dict = full_attention_config(config_dict.model.family)
+            apply_overrides(config_dict, overrides)
         return from_dict(Config, config_dict)
 
     setup = bootstrap(argv, parser, default_config=built_in, mesh=False)  # the demo runs on one device
