@@ -235,6 +235,18 @@ class Decoder(nnx.Module):
         new_v = jax.lax.dynamic_update_slice_in_dim(cache.v, v, 0, axis=2)
         return KVCache(new_k, new_v, lengths.astype(jnp.int32))
 
+    def _layer_caches(self, layer_params: dict, cache: KVCache):
+        """What the decode's layer loop hands each layer as (k, v, layer index): the scan slices
+        the stacked caches (index None); the unrolled loop over per-layer weights (`per_layer_view`)
+        passes every layer's cache and a static index, so that the attention slices its layer inside
+        its live-prefix branch (a slice taken before the branch is copied whole on CPU; remat, which
+        takes arrays only, keeps the slices)."""
+        if not isinstance(next(iter(layer_params.values())), tuple):
+            return (cache.k, cache.v, None)
+        if self.config.remat == "none":
+            return tuple((cache.k, cache.v, i) for i in range(self.config.num_layers))
+        return tuple((cache.k[i], cache.v[i], None) for i in range(self.config.num_layers))
+
     def decode_block(self, block_tokens: jax.Array, cache: KVCache, *, commit: bool,
                      logits: bool = True):
         """One forward of the current block [B, b] at positions cache.length + arange(b).
@@ -248,13 +260,15 @@ class Decoder(nnx.Module):
         positions = cache.length[:, None] + jnp.arange(block, dtype=jnp.int32)[None, :]
 
         def body(x, layer):
-            p, k_cache, v_cache = layer
+            p, (k_cache, v_cache, index) = layer
             q, k, v = self.qkv(p, x, positions)
             attn = attention_ops.cached_block_attention(
-                q, k_cache, v_cache, cache.length, k, v, impl=c.attention_impl)
+                q, k_cache, v_cache, cache.length, k, v, impl=c.attention_impl, layer=index)
             return self.finish_layer(p, x, attn), ((k, v) if commit else None)
 
-        hidden, new_kv = self.layer_loop(body, self.embed(block_tokens), self.layer_params(), cache.k, cache.v)
+        layer_params = self.layer_params()
+        hidden, new_kv = self.layer_loop(body, self.embed(block_tokens), layer_params,
+                                         self._layer_caches(layer_params, cache))
         out_logits = self.hidden_to_logits(hidden) if logits else None
         if not commit:
             return out_logits, cache
@@ -283,30 +297,41 @@ class Decoder(nnx.Module):
         per half reads the cache (no copy of it). Returns (logits of each row's current block
         [B, b, vocab], cache with length + b * save).
         """
+        logits, k_first, v_first = self.fused_save_forward(saved_tokens, save, block_tokens, cache)
+        write_batch = jax.vmap(lambda rows, new, start: jax.lax.dynamic_update_slice_in_dim(rows, new, start, axis=1),
+                               in_axes=(1, 1, 0), out_axes=1)
+        new_k = write_batch(cache.k, k_first.astype(cache.k.dtype), cache.length)
+        new_v = write_batch(cache.v, v_first.astype(cache.v.dtype), cache.length)
+        length = cache.length + jnp.where(save, saved_tokens.shape[1], 0).astype(jnp.int32)
+        return logits, KVCache(new_k, new_v, length)
+
+    def fused_save_forward(self, saved_tokens: jax.Array, save: jax.Array, block_tokens: jax.Array,
+                           cache: KVCache) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`decode_block_after_save` without the cache write: (logits [B, b, vocab], and the K/V of
+        each row's first b tokens [layers, B, b, Hkv, D] for slots [length, length + b)), so that a
+        caller branching between this and `decode_block` writes the cache outside the branch."""
         c = self.config
         block = block_tokens.shape[1]
         first = jnp.where(save[:, None], saved_tokens, block_tokens)
         positions = cache.length[:, None] + jnp.arange(2 * block, dtype=jnp.int32)[None, :]
 
         def body(x, layer):
-            p, k_cache, v_cache = layer
+            p, (k_cache, v_cache, index) = layer
             q, k, v = self.qkv(p, x, positions)
             first_attn = attention_ops.cached_block_attention(
-                q[:, :block], k_cache, v_cache, cache.length, k[:, :block], v[:, :block], impl=c.attention_impl)
+                q[:, :block], k_cache, v_cache, cache.length, k[:, :block], v[:, :block], impl=c.attention_impl,
+                layer=index)
             second_attn = attention_ops.cached_block_attention(
-                q[:, block:], k_cache, v_cache, cache.length, k, v, impl=c.attention_impl)
+                q[:, block:], k_cache, v_cache, cache.length, k, v, impl=c.attention_impl, layer=index)
             attn = jnp.concatenate([first_attn, second_attn], axis=1)
             return self.finish_layer(p, x, attn), (k[:, :block], v[:, :block])
 
         tokens = jnp.concatenate([first, block_tokens], axis=1)
-        hidden, (k_first, v_first) = self.layer_loop(body, self.embed(tokens), self.layer_params(), cache.k, cache.v)
+        layer_params = self.layer_params()
+        hidden, (k_first, v_first) = self.layer_loop(body, self.embed(tokens), layer_params,
+                                                     self._layer_caches(layer_params, cache))
         hidden = jnp.where(save[:, None, None], hidden[:, block:], hidden[:, :block])
-        write_batch = jax.vmap(lambda rows, new, start: jax.lax.dynamic_update_slice_in_dim(rows, new, start, axis=1),
-                               in_axes=(1, 1, 0), out_axes=1)
-        new_k = write_batch(cache.k, k_first.astype(cache.k.dtype), cache.length)
-        new_v = write_batch(cache.v, v_first.astype(cache.v.dtype), cache.length)
-        length = cache.length + jnp.where(save, block, 0).astype(jnp.int32)
-        return self.hidden_to_logits(hidden), KVCache(new_k, new_v, length)
+        return self.hidden_to_logits(hidden), k_first, v_first
 
 
 def init_model(config: ModelConfig, seed: int = 0) -> Decoder:

@@ -55,21 +55,28 @@ def cached_block_attention(
     v_block: jax.Array,
     *,
     impl: str = "reference",
+    layer: int | None = None,
 ) -> jax.Array:
     """The decode step: the block's queries see cache slots [0, cache_length) and the whole block.
 
     q: [B, Tq, H, D]; k_block, v_block: [B, b, Hkv, D] (every query sees all b of them; b may
-    differ from Tq); k_cache, v_cache: [B, S, Hkv, D]; cache_length: [B] int32. The reference reads
-    only the live cache prefix (`live_cache_attention`); the kernels read only each row's live tiles.
+    differ from Tq); k_cache, v_cache: [B, S, Hkv, D], or with `layer` (a static index) every
+    layer's [layers, B, S, Hkv, D] of which this layer's is read; cache_length: [B] int32. The
+    reference reads only the live cache prefix (`live_cache_attention`); the kernels read only each
+    row's live tiles.
     """
     impl = resolve_impl(impl)
     if impl == "pallas":
+        if layer is not None:
+            k_cache, v_cache = k_cache[layer], v_cache[layer]
         return dispatch.cached_block_attention(q, k_cache, v_cache, cache_length, k_block, v_block)
-    return live_cache_attention(q, k_cache, v_cache, cache_length, k_block, v_block)
+    return live_cache_attention(q, k_cache, v_cache, cache_length, k_block, v_block, layer=layer)
 
 
-def full_cache_attention(q, k_cache, v_cache, cache_length, k_block, v_block) -> jax.Array:
+def full_cache_attention(q, k_cache, v_cache, cache_length, k_block, v_block, layer: int | None = None) -> jax.Array:
     """`cached_block_attention` written out densely: every cache slot, masked (the tests' reference)."""
+    if layer is not None:
+        k_cache, v_cache = k_cache[layer], v_cache[layer]
     batch, queries = q.shape[:2]
     slots, block = k_cache.shape[1], k_block.shape[1]
     cache_visible = jnp.arange(slots)[None, :] < cache_length[:, None]
@@ -87,21 +94,26 @@ def live_prefixes(slots: int, min_chunk: int = 32, max_branches: int = 8) -> tup
     return tuple(min(slots, chunk * i) for i in range(1, -(-slots // chunk) + 1))
 
 
-def live_cache_attention(q, k_cache, v_cache, cache_length, k_block, v_block) -> jax.Array:
+def live_cache_attention(q, k_cache, v_cache, cache_length, k_block, v_block, layer: int | None = None) -> jax.Array:
     """The reference decode attention reading only the cache prefix that holds live slots.
 
     The shortest prefix of `live_prefixes(slots)` covering the batch's longest `cache_length` is
     chosen at run time (`lax.switch`, one static-shape branch per prefix), so a decode step early in
     a rollout reads a fraction of the cache. Scores against the cache and against the block are
     computed separately and share one softmax: the keys are never concatenated (no copy of the cache).
+    With `layer`, the caches hold every layer and each branch slices this layer's live prefix
+    itself: a layer's cache sliced before the `lax.switch` would be copied whole (XLA:CPU).
     """
     batch, queries, heads, dim = q.shape
-    kv_heads = k_cache.shape[2]
+    kv_heads = k_cache.shape[-2]
+    slots = k_cache.shape[-3]
     qg = q.reshape(batch, queries, kv_heads, heads // kv_heads, dim)
     scale = dim ** -0.5
 
     def attend(prefix: int):
         def run(qg, k_cache, v_cache, cache_length, k_block, v_block):
+            if layer is not None:
+                k_cache, v_cache = k_cache[layer], v_cache[layer]
             keys, values = k_cache[:, :prefix].astype(k_block.dtype), v_cache[:, :prefix].astype(v_block.dtype)
             cache_scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, keys, preferred_element_type=jnp.float32) * scale
             visible = jnp.arange(prefix)[None, :] < cache_length[:, None]
@@ -116,7 +128,7 @@ def live_cache_attention(q, k_cache, v_cache, cache_length, k_block, v_block) ->
 
         return run
 
-    prefixes = live_prefixes(k_cache.shape[1])
+    prefixes = live_prefixes(slots)
     operands = (qg, k_cache, v_cache, cache_length, k_block, v_block)
     if len(prefixes) == 1:
         return attend(prefixes[0])(*operands)

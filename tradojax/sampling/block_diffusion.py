@@ -17,7 +17,7 @@ prompt would alone):
 
 **Fused save.** The original spends one forward per block only to write the decided block's K/V
 (the save pass: about half the forwards of greedy dynamic decoding). Here the next block's first
-denoising forward carries both blocks, 2b tokens per sequence (`Decoder.decode_block_after_save`):
+denoising forward carries both blocks, 2b tokens per sequence (`Decoder.fused_save_forward`):
 the decided block at positions [length, length + b) sees the cache and itself, so its K/V are those
 the save pass would write, and are written; the new block at [length + b, length + 2b) sees the
 cache, the decided block and itself, so its logits are those of a forward after the save (block-
@@ -549,6 +549,16 @@ def _write_rows(state: DecodeState, complete: jax.Array, values, new_len, hit_st
                 rows_hit_stop=scalars(state.rows_hit_stop, hit_stop))
 
 
+def _write_blocks(cache: jax.Array, blocks: jax.Array, start: jax.Array, write: jax.Array) -> jax.Array:
+    """cache [layers, N, S, ...] with rows `write` [N] taking `blocks` [layers, N, b, ...] at slots
+    [start, start + b); the other rows' updates are dropped (aimed past the cache). One scatter in
+    the cache's own layout: a vmapped dynamic_update_slice over axis 1 transposes the whole cache."""
+    rows = jnp.arange(cache.shape[1], dtype=jnp.int32)[:, None]
+    slots = jnp.where(write[:, None], start[:, None] + jnp.arange(blocks.shape[2], dtype=jnp.int32)[None, :],
+                      cache.shape[2])
+    return cache.at[:, rows, slots].set(blocks.astype(cache.dtype), mode="drop")
+
+
 def _iteration(model: Decoder, state: DecodeState, knobs: _Knobs, plan: _Plan) -> DecodeState:
     """One batched forward: every active slot takes a denoising step of its current block; slots
     whose previous block was just decided write its K/V in the same forward (the fused save)."""
@@ -572,15 +582,21 @@ def _iteration(model: Decoder, state: DecodeState, knobs: _Knobs, plan: _Plan) -
         else:
             fuse = (num_saving > 0) & (2 * num_saving >= jnp.sum(active, dtype=jnp.int32))
 
+        # The branches return only the decided blocks' K/V, written below: a cache returned by a
+        # `lax.cond` is copied whole every iteration (XLA:CPU), hundreds of MB at batch.
+        block_kv_shape = (plan.cache_layout[0], active.shape[0], b, *plan.cache_layout[1:])
+
         def fused(_):
-            logits, written = model.decode_block_after_save(state.saved_tokens, saving, state.block_tokens, cache)
-            return logits, written.k, written.v
+            logits, k_first, v_first = model.fused_save_forward(state.saved_tokens, saving, state.block_tokens, cache)
+            return logits, k_first.astype(k.dtype), v_first.astype(v.dtype)
 
         def plain(_):
             logits, _ = model.decode_block(state.block_tokens, cache, commit=False)
-            return logits, k, v
+            return logits, jnp.zeros(block_kv_shape, k.dtype), jnp.zeros(block_kv_shape, v.dtype)
 
-        logits, k, v = jax.lax.cond(fuse, fused, plain, None)
+        logits, k_first, v_first = jax.lax.cond(fuse, fused, plain, None)
+        k = _write_blocks(k, k_first, cache.length, saving & fuse)
+        v = _write_blocks(v, v_first, cache.length, saving & fuse)
         length = length + jnp.where(saving & fuse, b, 0)
         save_forwards = save_forwards + fuse.astype(jnp.int32)
         waiting = saving & ~fuse  # no step this iteration: their block is not saved yet
@@ -800,8 +816,12 @@ def per_layer_weights_pay(mesh: Mesh | None) -> bool:
     same values). TPU and GPU keep the scan (their compilers feed sliced weights to the matmuls
     without a copy, and compile time stays independent of depth). The platform is the mesh's
     (an AOT compile for TPU on a CPU host decides for TPU), else the default backend's."""
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-    return platform == "cpu"
+    return _platform(mesh) == "cpu"
+
+
+def _platform(mesh: Mesh | None) -> str:
+    """The platform the sampler's programs run on: the mesh's devices', else the default backend's."""
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
 def _rollout_weight_sharding(path, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
