@@ -26,8 +26,10 @@ them alike. Per run:
     cache, LM head) / the FLOP/s of a jitted float32 matmul measured here; `share of matmul floor`
     likewise.
 
-Medians over repeats are reported (and the best run, in the JSON). On CPU the sampler is given
-`per_layer_view(params)` (the weights one array per layer: no copy per forward).
+Medians over repeats are reported (and the best run, in the JSON). On CPU the sampler streams the
+weights one array per layer (`per_layer_weights_pay`: no copy per forward); the compile time of the
+first case's decode program is measured both ways (per-layer, as run, and the stacked scan), and the
+host load (`os.getloadavg()`) at the start and the end is recorded: the 2-core host is shared.
 
     python benchmarks/rollout.py                  # the 125M model, batches 1 8 32 64, complete runs
     python benchmarks/rollout.py --repeats 2 --chunk 4 --measure-forwards 8   # the same, cut (shared host)
@@ -55,7 +57,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from tradojax.config import ModelConfig, SamplingConfig  # noqa: E402
-from tradojax.models.transformer import init_model, per_layer_view  # noqa: E402
+from tradojax.models.transformer import init_model  # noqa: E402
 from tradojax.sampling.block_diffusion import BlockDiffusionSampler, cache_slots  # noqa: E402
 
 MODELS = {
@@ -125,11 +127,23 @@ def forward_flops(config: ModelConfig, rows: int, block: int, live_keys: float) 
     return float(rows * block * (c.num_layers * (projections + mlp + attention) + head))
 
 
+def decode_compile_seconds(model, sampling: SamplingConfig, rows: int, prompt_length: int) -> dict:
+    """Seconds to compile the sampler's decode program with the layer weights one array per layer
+    (an unrolled layer loop: compile time grows with depth) and with the stacked scan."""
+    seconds = {}
+    for name, per_layer in (("per_layer", True), ("stacked", False)):
+        fn, args, kwargs = BlockDiffusionSampler(model, sampling, per_layer=per_layer).programs(rows, prompt_length)["decode"]
+        start = time.perf_counter()
+        fn.lower(*args, **kwargs).compile()
+        seconds[name] = time.perf_counter() - start
+    return seconds
+
+
 class _Measured(Exception):
     """Raised from the progress callback once a run has measured enough forwards."""
 
 
-def run_once(sampler: BlockDiffusionSampler, params, prompts, chunk: int, measure_forwards: int) -> dict:
+def run_once(sampler: BlockDiffusionSampler, prompts, chunk: int, measure_forwards: int) -> dict:
     """One `generate` call, timed at every chunk end. With `measure_forwards` > 0 the run stops once
     that many forwards have run after the first chunk (which holds the prefill, and compilation)."""
     marks: list[tuple[float, int, int]] = []  # (time, forwards, tokens generated)
@@ -142,7 +156,7 @@ def run_once(sampler: BlockDiffusionSampler, params, prompts, chunk: int, measur
     start = time.perf_counter()
     complete = True
     try:
-        rollout = sampler.generate(prompts, rng=0, params=params, iterations_per_call=chunk, progress=progress)
+        rollout = sampler.generate(prompts, rng=0, iterations_per_call=chunk, progress=progress)
         jax.block_until_ready(rollout.tokens)
     except _Measured:
         complete = False
@@ -154,6 +168,9 @@ def run_once(sampler: BlockDiffusionSampler, params, prompts, chunk: int, measur
     if len(marks) >= 2:  # steady state: from the end of the first chunk to the last mark
         (t0, f0, g0), (t1, f1, g1) = marks[0], marks[-1]
         result.update(steady_seconds=t1 - t0, steady_forwards=f1 - f0, steady_tokens=g1 - g0)
+        # the quietest chunk (the floors are each the best of 3 reads, so comparable to this)
+        result["best_chunk_seconds_per_forward"] = min(
+            (b[0] - a[0]) / (b[1] - a[1]) for a, b in zip(marks, marks[1:]) if b[1] > a[1])
     elif complete:  # one chunk: the whole run, prefill included
         result.update(steady_seconds=wall, steady_forwards=result["forwards"], steady_tokens=result["generated"])
     return result
@@ -176,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="LM head multiplier: greedy confidences of a trained model, not a random one")
     parser.add_argument("--out", default="benchmarks/results/rollout.json")
     args = parser.parse_args(argv)
+    load_start = os.getloadavg()
     name = args.model or ("tiny" if args.quick else "125m")
     batches = args.batches or ([1, 2] if args.quick else [1, 8, 32, 64])
     max_new = args.max_new_tokens or (16 if args.quick else 128)
@@ -187,17 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     model = init_model(config, seed=0)
     model.lm_head[...] = model.lm_head[...] * args.head_scale
     params = nnx.split(model)[1]
-    if jax.default_backend() == "cpu":
-        params = per_layer_view(params)
     floors = Floors(streamed_weights(params), 256 if args.quick else 2048)
     slots = cache_slots(args.prompt_length, block, max_new)
     print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, jax {jax.__version__} "
-          f"({jax.default_backend()}), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+          f"({jax.default_backend()}), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, load {load_start}")
     print(f"{name}: {config.num_params() / 1e6:.1f}M parameters ({config.compute_dtype}), "
           f"{floors.weight_bytes / 1e6:.1f} MB streamed per forward; prompt {args.prompt_length}, {max_new} new "
           f"tokens, block {block}, cache {slots} slots; {repeats} interleaved repeats")
 
     rng = np.random.RandomState(0)
+    compile_seconds = None
     cases = {}
     for batch in batches:
         prompts = [rng.randint(4, config.vocab_size, size=args.prompt_length).tolist() for _ in range(batch)]
@@ -205,15 +222,18 @@ def main(argv: list[str] | None = None) -> int:
             sampling = SamplingConfig(block_size=block, denoising_steps=block, max_new_tokens=max_new,
                                       prompt_buckets=(args.prompt_length,), **MODES[mode])
             sampler = BlockDiffusionSampler(model, sampling)
+            if compile_seconds is None:
+                compile_seconds = {"case": [batch, mode], **decode_compile_seconds(model, sampling, batch, args.prompt_length)}
             start = time.perf_counter()
-            run_once(sampler, params, prompts, args.chunk, args.measure_forwards)  # compile, warm up
+            run_once(sampler, prompts, args.chunk, args.measure_forwards)  # compile, warm up
             cases[(batch, mode)] = {"sampler": sampler, "prompts": prompts, "runs": [],
                                     "compile_and_first_run_seconds": time.perf_counter() - start}
     for repeat in range(repeats):
         floors.measure()
         for key, case in cases.items():
-            case["runs"].append(run_once(case["sampler"], params, case["prompts"], args.chunk, args.measure_forwards))
+            case["runs"].append(run_once(case["sampler"], case["prompts"], args.chunk, args.measure_forwards))
     floors.measure()
+    load_end = os.getloadavg()
 
     floor_seconds = floors.weight_read_seconds
     flops_per_second = floors.matmul_flops_per_second
@@ -240,13 +260,22 @@ def main(argv: list[str] | None = None) -> int:
                                                if complete else None),
             "seconds_per_forward": seconds,
             "share_of_weight_floor": floor_seconds / seconds,
+            "best_chunk_seconds_per_forward": min((r.get("best_chunk_seconds_per_forward", seconds) for r in runs)),
             "matmul_floor_seconds_per_forward": matmul_floor,
             "share_of_matmul_floor": matmul_floor / seconds,
+            "best_chunk_share_of_weight_floor": floor_seconds / min(
+                r.get("best_chunk_seconds_per_forward", seconds) for r in runs),
+            "best_chunk_share_of_matmul_floor": matmul_floor / min(
+                r.get("best_chunk_seconds_per_forward", seconds) for r in runs),
             "compile_and_first_run_seconds": case["compile_and_first_run_seconds"],
             "runs": runs,
         }
         results.append(row)
     _print_table(results, floor_seconds, flops_per_second)
+    print(f"decode compile (batch {compile_seconds['case'][0]}, {compile_seconds['case'][1]}): "
+          f"{compile_seconds['per_layer']:.1f} s with the weights one array per layer (as run here), "
+          f"{compile_seconds['stacked']:.1f} s with the stacked scan")
+    print(f"host load (1, 5, 15 min) at start {load_start}, at end {load_end}")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/rollout.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "host": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                  "jax": jax.__version__, "backend": jax.default_backend(),
-                 "xla_flags": os.environ.get("XLA_FLAGS", "")},
+                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                 "load_average_start": load_start, "load_average_end": load_end,
+                 "note": "shared host: other jobs ran alongside (see the load averages)"},
         "model": {"name": name, "params": config.num_params(), "dtype": config.compute_dtype,
                   "streamed_weight_bytes": floors.weight_bytes, "head_scale": args.head_scale},
         "sampling": {"prompt_length": args.prompt_length, "max_new_tokens": max_new, "block_size": block,
@@ -263,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                    "weight_read_seconds_each": floors.read_seconds,
                    "matmul_flops_per_second": flops_per_second, "matmul_size": floors.matmul_size,
                    "matmul_seconds_each": floors.matmul_seconds},
+        "per_layer_weights": cases[next(iter(cases))]["sampler"].per_layer,
+        "decode_compile_seconds": compile_seconds,
         "repeats": repeats, "chunk": args.chunk, "measure_forwards": args.measure_forwards,
         "results": results,
     }, indent=2))
@@ -272,12 +305,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_table(results: list[dict], floor_seconds: float, flops_per_second: float) -> None:
     print(f"\nweight-read floor {floor_seconds * 1e3:.1f} ms per forward; matmul {flops_per_second / 1e9:.1f} GFLOP/s")
+    print("(shares of a floor: median over runs; in brackets the quietest chunk's)")
     print(f"{'batch':>5} {'mode':>8} {'fwd':>5} {'fwd/tok':>8} {'tok/s':>9} {'ms/fwd':>9} "
-          f"{'weight floor':>12} {'matmul floor':>12}")
+          f"{'weight floor':>14} {'matmul floor':>14}")
     for r in results:
         print(f"{r['batch']:>5} {r['mode']:>8} {str(r['forwards'] or '-'):>5} {r['forwards_per_token']:>8.2f} "
               f"{r['tokens_per_second']:>9.1f} {r['seconds_per_forward'] * 1e3:>9.2f} "
-              f"{r['share_of_weight_floor']:>12.2f} {r['share_of_matmul_floor']:>12.2f}")
+              f"{r['share_of_weight_floor']:>6.2f} ({r['best_chunk_share_of_weight_floor']:.2f}) "
+              f"{r['share_of_matmul_floor']:>6.2f} ({r['best_chunk_share_of_matmul_floor']:.2f})")
 
 
 if __name__ == "__main__":
