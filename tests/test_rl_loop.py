@@ -13,6 +13,7 @@ from helpers import config_path
 from tradojax.config import load_config
 from tradojax.data.tasks import load_tasks
 from tradojax.models.loading import load_policy
+from tradojax.rl import loop as rl_loop
 from tradojax.rl.loop import Preempted, RLTrainer
 
 OVERRIDES = ["rl.num_tasks_per_step=2", "rl.num_responses_per_task=2", "train.batch_size=8",
@@ -135,11 +136,7 @@ def test_warm_start_needs_worked_solutions(tokenizer):
         warm_start_pairs(tokenizer, [MathTask(question="1+1?", ground_truth_answer="2")])
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open (2026-12-01): rewards, rows, KL, clip fraction, grad norm and value loss agree, but one row of a "
-    "[512, 64] policy leaf (token id 1) differs by up to 4.5e-4 after 2 steps; present before 9baf468, "
-    "cause not yet found"))
-def test_sharded_rl_steps_equal_unsharded(tmp_path, tokenizer):
+def test_sharded_rl_steps_equal_unsharded(tmp_path, tokenizer, monkeypatch):
     """Two TraceRL steps with the value model on a (data 4, fsdp 2) mesh of the 8 CPU devices: the
     same rollouts, rewards and updates as on one device; resuming on the mesh continues the run."""
     from jax.sharding import NamedSharding
@@ -147,9 +144,19 @@ def test_sharded_rl_steps_equal_unsharded(tmp_path, tokenizer):
     from tradojax.config import MeshConfig
     from tradojax.parallel.mesh import make_mesh
 
+    # The random model earns reward 0 everywhere, and its zero-initialised value head predicts the
+    # zero returns: no gradient at all, and Adam would turn the mesh's rounding (1e-10) into
+    # lr-sized steps. Fixed +-1 advantages per response give both models a real signal.
+    def alternating_advantages(scores):
+        groups, k = scores.shape
+        return np.tile(np.where(np.arange(k) % 2 == 0, 1.0, -1.0), (groups, 1))
+
+    monkeypatch.setattr(rl_loop, "group_zscore", alternating_advantages)
     extra = ["rl.steps=2", "rl.value_model=True", "rl.value_learning_rate=1e-3"]
     single = make_trainer(tmp_path, tokenizer, extra, "single")
+    initial = leaves(single.params) + leaves(single.value_params)
     single_history = single.run()
+    assert all(h["grad_norm"] > 1e-3 and h["value_loss"] > 1e-3 for h in single_history), single_history
     mesh = make_mesh(MeshConfig(data=4, fsdp=2))
     sharded = make_trainer(tmp_path, tokenizer, extra, "sharded", mesh=mesh)
     sharded_history = sharded.run()
@@ -158,9 +165,15 @@ def test_sharded_rl_steps_equal_unsharded(tmp_path, tokenizer):
             assert a[key] == b[key], key
         for key in ("kl", "clip_fraction", "grad_norm", "value_loss"):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
-    for a, b in zip(leaves(single.params) + leaves(single.value_params),
-                    leaves(sharded.params) + leaves(sharded.value_params)):
-        np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+    # The same updates up to the mesh's summation order: per leaf, the two runs differ by under 0.1% of
+    # what the updates moved it. (Elementwise, Adam scales a near-zero gradient's rounding up to an
+    # lr-sized step, so a few of 16k elements may differ by ~lr/40.)
+    for i, (start, a, b) in enumerate(zip(initial, leaves(single.params) + leaves(single.value_params),
+                                          leaves(sharded.params) + leaves(sharded.value_params))):
+        moved, apart = np.linalg.norm(a - start), np.linalg.norm(a - b)
+        assert apart <= 1e-3 * moved or apart == moved == 0, (i, a.shape, apart, moved)  # (0: unused, e.g.
+        # the value model's LM head)
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0, err_msg=str(i))
     # the parameters and optimizer state live on the mesh, FSDP-split (not replicated copies)
     embed = jax.tree.leaves(sharded.params["embed_tokens"])[0]
     assert isinstance(embed.sharding, NamedSharding) and not embed.sharding.is_fully_replicated
