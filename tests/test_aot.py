@@ -4,7 +4,7 @@
 The learner's programs are checked to be the trainer's own: lowered on the abstract layouts aot
 builds, they give the same text as lowered on the arrays an `RLTrainer` holds on a CPU mesh. Every
 shipped config's programs lower for every slice it names, with 2 layers (the layer count the only
-change).
+change); the headline config's rollout and update compile for its slice.
 """
 
 import json
@@ -194,3 +194,19 @@ def test_shipped_config_lowers_for_every_slice_it_names(name):
         for program, (fn, args, kwargs) in run.programs.items():
             text = fn.lower(*args, **kwargs).as_text()
             assert f"mhlo.num_partitions = {chips}" in text, (topology, program)
+
+
+@pytest.mark.slow
+def test_headline_config_compiles_for_its_slice():
+    """rl_trado_4b (the README's TraDo run) through the real TPU compiler for its first slice, with 2
+    of its layers (the layers are scanned: compile time hardly depends on their number): the
+    rollout's programs and the policy update, with its mesh, shapes and concurrency."""
+    config = aot.for_tpu(load_config(CONFIGS / "rl_trado_4b.py", ["model.num_layers=2"]))
+    topology = config.mesh.slices[0]
+    mesh, run, results = aot.compile_for_slice(config, topology, "rl", only=("rollout/", "policy_update"))
+    assert {r.name for r in results} == RL_PROGRAMS - {"old_logprobs"}
+    hbm = aot.HBM_GIB[topology.split(":")[0]] * 2**30
+    assert all(aot.fits(r, hbm) for r in results), [(r.name, r.error, r.total_bytes) for r in results]
+    # the rollout's KV cache is written in place, and the update takes the trainer's state in place
+    by_name = {r.name: r for r in results}
+    assert by_name["rollout/decode"].alias_bytes > 0 and by_name["policy_update"].alias_bytes > 0
