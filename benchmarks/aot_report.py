@@ -40,7 +40,8 @@ from tradojax.aot import HBM_GIB, oom_required_bytes  # noqa: E402
 from tradojax.config import load_config  # noqa: E402
 
 # in the order the report runs them: the RL configs' first slices first
-SHIPPED = ["rl_trado_4b", "rl_trado_8b", "rl_trado_8b_thinking", "rl_trado_4b_value", "trado_4b", "trado_8b"]
+SHIPPED = ["rl_trado_4b", "rl_trado_8b", "rl_trado_8b_thinking", "rl_trado_4b_value", "trado_4b", "trado_8b",
+           "rl_llada_8b", "rl_dream_7b", "rl_dream_coder_7b"]
 RL_PROGRAMS = "rollout,old_logprobs,ref_logprobs,policy_update,old_values,value_update"
 # beyond each config's own settings: what its docstring suggests for v5p (faster rollouts) and v5e
 VARIANTS = {
