@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.rollout import MODELS  # noqa: E402
+from benchmarks.rollout import MODELS, host_facts  # noqa: E402
 from tradojax.config import SamplingConfig  # noqa: E402
 from tradojax.models.transformer import init_model  # noqa: E402
 from tradojax.sampling.block_diffusion import BlockDiffusionSampler, cache_slots  # noqa: E402
@@ -187,11 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": "python benchmarks/continuous_batching.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "host": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                 "jax": jax.__version__, "backend": jax.default_backend(),
-                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                 "load_average_start": load_start, "load_average_end": load_end,
-                 "note": "shared host: other jobs ran alongside (see the load averages)"},
+        "host": host_facts(load_start, load_end),
         "model": {"name": name, "params": config.num_params(), "dtype": config.compute_dtype,
                   "head_scale": args.head_scale},
         "sampling": {"prompt_length": args.prompt_length, "max_new_tokens": args.max_new_tokens, "block_size": BLOCK,

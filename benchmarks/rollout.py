@@ -176,6 +176,15 @@ def run_once(sampler: BlockDiffusionSampler, prompts, chunk: int, measure_forwar
     return result
 
 
+def host_facts(load_start, load_end) -> dict:
+    """What a recorded result ran on, with the host's load average before and after (the machine is
+    shared: other jobs may run alongside)."""
+    return {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "jax": jax.__version__, "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "load_average_start": load_start, "load_average_end": load_end,
+            "note": "shared host: other jobs ran alongside (see the load averages)"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, batches 1 and 2, one repeat")
@@ -281,11 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": "python benchmarks/rollout.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "host": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                 "jax": jax.__version__, "backend": jax.default_backend(),
-                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                 "load_average_start": load_start, "load_average_end": load_end,
-                 "note": "shared host: other jobs ran alongside (see the load averages)"},
+        "host": host_facts(load_start, load_end),
         "model": {"name": name, "params": config.num_params(), "dtype": config.compute_dtype,
                   "streamed_weight_bytes": floors.weight_bytes, "head_scale": args.head_scale},
         "sampling": {"prompt_length": args.prompt_length, "max_new_tokens": max_new, "block_size": block,
