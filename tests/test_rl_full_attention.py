@@ -175,6 +175,12 @@ def test_demo_config_of_a_full_attention_family_keeps_the_overrides():
     assert config.model.family == "llada" and not config.model.qk_norm
     assert config.model.num_kv_heads == config.model.num_heads
     assert config.train.loss_normalization == "tokens" and config.rl.shrink == 4
+    # the full-attention SFT: random masking on rows as long as the sampler's canvas, pads after an
+    # answer trained (SFT and RL) so that an all-pad block ends a row; the SDAR demo keeps its own
+    assert config.sft.mode == "random_masking" and config.sft.bucket_multiple == config.sampling.max_new_tokens
+    assert config.warm_start.post_num == config.train.post_num == 8 > config.sampling.block_size
+    assert config.warm_start.steps > sdar.warm_start.steps
+    assert sdar.sft == type(sdar.sft)() and sdar.train.post_num == sdar.warm_start.post_num == 0
 
 
 @pytest.mark.slow
