@@ -1,7 +1,10 @@
 """What many tests share: the tiny model configs and repository paths that do not depend on the
 working directory pytest was started from."""
 
+import os
 from pathlib import Path
+
+from filelock import FileLock
 
 from tradojax.config import ModelConfig
 
@@ -19,3 +22,25 @@ MICRO_MODEL = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, n
 def config_path(name: str) -> str:
     """A shipped config file (`configs/NAME`) as an absolute path."""
     return str(REPO / "configs" / name)
+
+
+# XLA:CPU without its LLVM optimisations: tests compile hundreds of small programs and run them on
+# tiny shapes, so compiling is most of their time (a third less with these flags, measured on
+# tests/test_sampler.py and the RL resume tests); programs run 2-3x slower, which is why the demo's
+# learning run goes to a subprocess with XLA's defaults (test_learning.py).
+FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def build_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(directory)` once per test session, shared by every xdist worker: the first worker to
+    ask builds under a file lock, the others wait and reuse it. Returns the directory."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # each worker's basetemp is a folder of the session's shared one
+    directory, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            directory.mkdir(exist_ok=True)
+            build(directory)
+            done.touch()
+    return directory
