@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import config_path
+from helpers import build_once, config_path
 from tradojax import cli
 from tradojax.checkpoint import COMMIT_MARKER, CheckpointError, TrainCheckpointer
 from tradojax.config import load_config, to_dict
@@ -33,11 +33,14 @@ TINY_RL = ["--config", config_path("rl_tiny.py"), "--config.warm_start.steps=2",
 
 @pytest.fixture(scope="module")
 def rl_run(tmp_path_factory):
-    """(run directory, export directory) of `tradojax rl --export-hf` with the value model on."""
-    root = tmp_path_factory.mktemp("rl")
-    code = cli.main(["rl", *TINY_RL, "--config.rl.value_model=True", "--workdir", str(root / "run"),
-                     "--export-hf", str(root / "export")])
-    assert code == 0
+    """(run directory, export directory) of `tradojax rl --export-hf` with the value model on (one
+    run shared by the xdist workers)."""
+    def build(root):
+        code = cli.main(["rl", *TINY_RL, "--config.rl.value_model=True", "--workdir", str(root / "run"),
+                         "--export-hf", str(root / "export")])
+        assert code == 0
+
+    root = build_once(tmp_path_factory, "rl_run", build)
     return root / "run", root / "export"
 
 
