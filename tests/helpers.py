@@ -1,7 +1,8 @@
-"""What many tests share: the tiny model configs and repository paths that do not depend on the
-working directory pytest was started from."""
+"""What many tests share: the tiny model configs, repository paths that do not depend on the
+working directory pytest was started from, the tests' XLA flags, and results built once per session."""
 
 import os
+import shutil
 from pathlib import Path
 
 from filelock import FileLock
@@ -40,7 +41,8 @@ def build_once(tmp_path_factory, name: str, build) -> Path:
     directory, done = root / name, root / f"{name}.done"
     with FileLock(str(root / f"{name}.lock")):
         if not done.exists():
-            directory.mkdir(exist_ok=True)
+            shutil.rmtree(directory, ignore_errors=True)  # what a crashed earlier build left
+            directory.mkdir()
             build(directory)
             done.touch()
     return directory
