@@ -51,4 +51,3 @@ def tokenizer():
     from tradojax.data.tokenizer import build_tiny_tokenizer
 
     return build_tiny_tokenizer()
-

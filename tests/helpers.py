@@ -11,6 +11,9 @@ from tradojax.config import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
+# `tradojax ...` in a fresh interpreter: `[sys.executable, "-c", CLI, *arguments]`.
+CLI = "import sys; from tradojax.cli import main; sys.exit(main(sys.argv[1:]))"
+
 # ModelConfig's defaults are the tiny SDAR-style model (vocab 512, 2 layers, hidden 64, 4 heads, 2 KV
 # heads; mask 3, EOS = pad = 0): the model of the sampler, RL and HF tests.
 TINY_MODEL = ModelConfig()

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import CLI, REPO
+
 DEVICES_PER_PROCESS = 2
 NUM_PROCESSES = 2
 ROWS, PROMPT_LENGTH, RESPONSE_LENGTH, MICRO_BATCHES = 8, 16, 16, 2
 TIMEOUT_S = 300  # a hang guard: two JAX processes compiling on a loaded 2-core box took 220 s
-REPO = Path(__file__).resolve().parents[1]
 
 
 def problem():
@@ -167,7 +168,6 @@ RL_ARGS = ["rl", "--config", "configs/tiny.py", "--config.rl.steps=2", "--config
            "--config.rl.difficulty_lower=0.0", "--config.rl.difficulty_upper=1.0", "--config.rl.reward_workers=1",
            "--config.data.synthetic_train_size=40", "--config.data.synthetic_eval_size=2", "--config.rl.eval_every=100",
            "--config.rl.save_every=1", "--config.mesh.data=2", "--config.mesh.fsdp=2"]
-CLI = "import sys; from tradojax.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 @pytest.mark.slow

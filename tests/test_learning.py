@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import REPO
+from helpers import CLI, REPO
 from tradojax.config import Config, from_dict
 from tradojax.demo import default_config
 
@@ -23,9 +23,8 @@ from tradojax.demo import default_config
 def test_demo_learns_and_writes_every_artefact(tmp_path):
     demo_run = tmp_path / "demo"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # as a user runs it: one CPU device
-    command = [sys.executable, "-c", "import sys; from tradojax.cli import main; sys.exit(main(sys.argv[1:]))",
-               "demo", "--out", str(demo_run)]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run([sys.executable, "-c", CLI, "demo", "--out", str(demo_run)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]
 
     config = from_dict(Config, default_config())
