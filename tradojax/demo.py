@@ -77,7 +77,8 @@ def full_attention_config(family: str) -> ml_collections.ConfigDict:
     # its samples garbled (held-out accuracy ~0.02). Random-masking SFT (all of a response's tokens
     # per row) for longer gets it to ~0.35 sampled.
     config.warm_start.steps = 250
-    config.sft = dict(mode="random_masking", buckets="multiple", bucket_multiple=32, min_bucket=32)
+    canvas = config.sampling.max_new_tokens
+    config.sft = dict(mode="random_masking", buckets="multiple", bucket_multiple=canvas, min_bucket=canvas)
     # Rows as long as the sampler's canvas (32: every position the sampler decodes has been seen
     # masked), and the first 8 pads after an answer trained (SFT and RL): the model learns to
     # write an all-pad block after <|im_end|>, which ends the row instead of decoding the rest of
