@@ -86,6 +86,29 @@ def test_fingerprint_changes_with_one_flipped_bit_and_with_a_swap():
     assert tree_fingerprints({"x": jnp.array(x)})["['x']"] == base
 
 
+def test_host_fingerprints_equal_the_device_program_for_every_dtype():
+    """CPU arrays are fingerprinted in numpy, accelerator arrays by the jitted program: a checkpoint
+    saved on one must verify on the other."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from tradojax.checkpoint import _fingerprints
+
+    rng = np.random.default_rng(3)
+    mesh = jax.make_mesh((4,), ("fsdp",), devices=jax.devices()[:4])
+    leaves = {"f32": jnp.asarray(rng.normal(size=(33, 7)), jnp.float32),
+              "bf16": jnp.asarray(rng.normal(size=(5, 9)), jnp.bfloat16),
+              "int32": jnp.asarray(rng.integers(-2**31, 2**31 - 1, size=(1000,)), jnp.int32),
+              "uint8": jnp.asarray(rng.integers(0, 256, size=(3, 4, 5)), jnp.uint8),
+              "bool": jnp.asarray(rng.random(17) < 0.5), "scalar": jnp.float32(rng.normal()),
+              "key": jax.random.key(7),
+              "sharded": jax.device_put(jnp.asarray(rng.normal(size=(8, 6)), jnp.float32),
+                                        NamedSharding(mesh, PartitionSpec("fsdp")))}
+    host = tree_fingerprints(leaves)
+    device = {f"['{name}']": int(value) for name, value in zip(leaves, _fingerprints(list(leaves.values())))}
+    assert host == device
+    assert len(set(host.values())) == len(leaves)
+
+
 @pytest.mark.parametrize("damage", ["truncated_file", "deleted_file", "no_commit_marker", "missing_item",
                                     "flipped_bits", "bad_meta"])
 def test_damaged_latest_step_falls_back_to_the_last_good_one(run_dir, damage):

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -91,11 +92,34 @@ def _fingerprints(leaves: list[jax.Array]) -> list[jax.Array]:
     return out
 
 
+def _host_fingerprint(leaf: jax.Array) -> int:
+    """`_fingerprints` of one array in numpy: uint32 products and sums wrap mod 2**32 as on device."""
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
+    x = np.asarray(leaf)
+    if x.dtype == np.bool_:
+        words = x.astype(np.uint32)
+    else:
+        size = x.dtype.itemsize
+        unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[size]
+        # an 8-byte element is two little-endian words, as XLA's bitcast to uint32 gives them
+        words = np.ascontiguousarray(x).view(unsigned).astype(np.uint32).reshape(-1)
+    weights = np.arange(words.size, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    return int(np.sum(words.reshape(-1) * weights, dtype=np.uint32))
+
+
 def tree_fingerprints(tree: Any) -> dict[str, int]:
-    """{leaf path: uint32 fingerprint} of every array in `tree` (sharded arrays stay on device)."""
+    """{leaf path: uint32 fingerprint} of every array in `tree`.
+
+    Arrays on CPU devices are fingerprinted in numpy (the same values): no XLA program is compiled
+    per saved tree structure, which on XLA:CPU is most of a small save's time. Accelerator arrays
+    stay on device (sharded arrays are never gathered)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     paths = [jax.tree_util.keystr(path) for path, _ in flat]
     leaves = [jnp.asarray(leaf) for _, leaf in flat]
+    if all(leaf.is_fully_addressable and {d.platform for d in leaf.sharding.device_set} == {"cpu"}
+           for leaf in leaves):
+        return {path: _host_fingerprint(leaf) for path, leaf in zip(paths, leaves)}
     # one compiled call per placement: a jitted computation takes arrays from one set of devices
     by_devices: dict[frozenset, list[int]] = {}
     for i, leaf in enumerate(leaves):
