@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import CLI, REPO
+from helpers import CLI, FAST_COMPILE_XLA_FLAGS, REPO
 
 DEVICES_PER_PROCESS = 2
 NUM_PROCESSES = 2
@@ -136,7 +136,7 @@ def test_two_processes_match_one_process_update(tmp_path):
     out = tmp_path / "params.npz"
     port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS} {FAST_COMPILE_XLA_FLAGS}")
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TRADOJAX_DISTRIBUTED"):
         env.pop(name, None)
     run_processes([[sys.executable, __file__, str(i), str(NUM_PROCESSES), str(port), str(out)]
@@ -180,10 +180,11 @@ def test_two_process_rl_run_matches_one_process(tmp_path):
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TRADOJAX_DISTRIBUTED"):
         base.pop(name, None)
     port = free_port()
-    two = [dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
+    two = [dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS} {FAST_COMPILE_XLA_FLAGS}",
                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(NUM_PROCESSES), JAX_PROCESS_ID=str(i))
            for i in range(NUM_PROCESSES)]
-    one = dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_PROCESSES * DEVICES_PER_PROCESS}")
+    one = dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_PROCESSES * DEVICES_PER_PROCESS} "
+                                f"{FAST_COMPILE_XLA_FLAGS}")
     commands = [[sys.executable, "-c", CLI, *RL_ARGS, "--workdir", str(tmp_path / "two")]] * NUM_PROCESSES
     commands.append([sys.executable, "-c", CLI, *RL_ARGS, "--workdir", str(tmp_path / "one")])
     run_processes(commands, two + [one], 2 * TIMEOUT_S)

@@ -68,12 +68,26 @@ COMMANDS = ("rl", "eval")
 Program = tuple[Callable, tuple, dict]  # (jitted function, args, kwargs): fn.lower(*args, **kwargs)
 
 
+def _drop_cpu_only_xla_flags() -> None:
+    """libtpu parses XLA_FLAGS itself, at its first compile, and aborts on a flag its own XLA does
+    not define (e.g. `--xla_cpu_use_fusion_emitters`, which jaxlib's XLA:CPU knows). XLA:CPU's
+    flags mean nothing to a TPU compile: once the CPU backend has read them, they leave the
+    environment."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    kept = [flag for flag in flags if not flag.startswith("--xla_cpu_")]
+    if len(kept) < len(flags):
+        one = jax.device_put(1, jax.devices("cpu")[0])
+        jax.jit(lambda x: x + 1)(one).block_until_ready()  # a CPU compile: the CPU backend has read them
+        os.environ["XLA_FLAGS"] = " ".join(kept)
+
+
 def tpu_devices(topology: str) -> list[jax.Device]:
     """The devices of a TPU topology such as `v5p:2x2x1`, `v5e:2x2`, `v6e:4x4` or `v5e:1x1` (needs libtpu)."""
     from jax.experimental import topologies
 
     # describing a topology opens no chip: let several compile-only processes load libtpu at once
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    _drop_cpu_only_xla_flags()
     generation, _, shape = topology.partition(":")
     if generation not in HBM_GIB:
         raise ValueError(f"--topology {topology!r}: unknown TPU generation {generation!r} (known: {sorted(HBM_GIB)})")
