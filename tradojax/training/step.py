@@ -149,22 +149,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
         micro_rows = split_micro_batches(rows, num_micro_batches)
         micro_extra = split_micro_batches(extra, num_micro_batches) if extra is not None else None
 
-        def accumulate(carry, inputs):
-            grads_sum, metrics_sum = carry
+        def accumulate(grads_sum, inputs):
             mb_rows, mb_extra = inputs
             (_, metrics), grads = grad_fn(params, mb_rows, mb_extra)
-            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-            metrics_sum = jax.tree.map(jnp.add, metrics_sum, metrics)
-            return (grads_sum, metrics_sum), None
+            return jax.tree.map(jnp.add, grads_sum, grads), metrics
 
+        # metrics come out stacked per micro-batch: the loss is traced once (a zero metrics carry
+        # would need its shapes, i.e. a second trace of the whole gradient)
         zero_grads = jax.tree.map(jnp.zeros_like, params)
-        first_rows = jax.tree.map(lambda x: x[0], micro_rows)
-        first_extra = jax.tree.map(lambda x: x[0], micro_extra) if micro_extra is not None else None
-        metric_shapes = jax.eval_shape(lambda: grad_fn(params, first_rows, first_extra)[0][1])
-        zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-        (grads, metrics), _ = jax.lax.scan(accumulate, (zero_grads, zero_metrics), (micro_rows, micro_extra))
+        grads, metrics = jax.lax.scan(accumulate, zero_grads, (micro_rows, micro_extra))
         grads = jax.tree.map(lambda g: g / num_micro_batches, grads)
-        metrics = jax.tree.map(lambda m: m / num_micro_batches, metrics)
+        metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0) / num_micro_batches, metrics)
         metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
