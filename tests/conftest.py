@@ -22,6 +22,17 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
 
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end (slow) tests first, the longest (the demo's learning run) first of all: with
+    two xdist workers they then overlap the many short tests instead of ending the run alone."""
+    def rank(item):
+        if item.get_closest_marker("slow") is None:
+            return 2
+        return 0 if item.nodeid.startswith("tests/test_learning.py") else 1
+
+    items.sort(key=rank)  # stable: the collection order within each rank
+
+
 # A worker that dies (a signal inside jaxlib; CI saw two, in different tests, after half an hour of
 # compiles in one process) gets its test run once more on a fresh worker. A second crash, or any
 # ordinary failure, fails as usual. xdist's load scheduler (the default) can reschedule a test.
