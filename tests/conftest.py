@@ -22,6 +22,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
 
+
 def pytest_collection_modifyitems(config, items):
     """The end-to-end (slow) tests first, the longest (the demo's learning run) first of all: with
     two xdist workers they then overlap the many short tests instead of ending the run alone."""
@@ -35,7 +36,7 @@ def pytest_collection_modifyitems(config, items):
 
 # A worker that dies (a signal inside jaxlib; CI saw two, in different tests, after half an hour of
 # compiles in one process) gets its test run once more on a fresh worker. A second crash, or any
-# ordinary failure, fails as usual. xdist's load scheduler (the default) can reschedule a test.
+# ordinary failure, fails as usual. xdist's work-stealing scheduler (pyproject's addopts) can reschedule a test.
 _crashed_once: set[str] = set()
 
 

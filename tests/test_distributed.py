@@ -106,6 +106,11 @@ def worker(process_id: int, num_processes: int, port: int, out: str) -> None:
     multihost_utils.sync_global_devices("tradojax_test_done")
 
 
+def cpu_xla_flags(devices: int) -> str:
+    """A worker process's XLA_FLAGS: `devices` CPU devices, compiled as the tests compile."""
+    return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_XLA_FLAGS}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,7 +141,7 @@ def test_two_processes_match_one_process_update(tmp_path):
     out = tmp_path / "params.npz"
     port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS} {FAST_COMPILE_XLA_FLAGS}")
+               XLA_FLAGS=cpu_xla_flags(DEVICES_PER_PROCESS))
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TRADOJAX_DISTRIBUTED"):
         env.pop(name, None)
     run_processes([[sys.executable, __file__, str(i), str(NUM_PROCESSES), str(port), str(out)]
@@ -180,11 +185,10 @@ def test_two_process_rl_run_matches_one_process(tmp_path):
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TRADOJAX_DISTRIBUTED"):
         base.pop(name, None)
     port = free_port()
-    two = [dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS} {FAST_COMPILE_XLA_FLAGS}",
+    two = [dict(base, XLA_FLAGS=cpu_xla_flags(DEVICES_PER_PROCESS),
                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(NUM_PROCESSES), JAX_PROCESS_ID=str(i))
            for i in range(NUM_PROCESSES)]
-    one = dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_PROCESSES * DEVICES_PER_PROCESS} "
-                                f"{FAST_COMPILE_XLA_FLAGS}")
+    one = dict(base, XLA_FLAGS=cpu_xla_flags(NUM_PROCESSES * DEVICES_PER_PROCESS))
     commands = [[sys.executable, "-c", CLI, *RL_ARGS, "--workdir", str(tmp_path / "two")]] * NUM_PROCESSES
     commands.append([sys.executable, "-c", CLI, *RL_ARGS, "--workdir", str(tmp_path / "one")])
     run_processes(commands, two + [one], 2 * TIMEOUT_S)

@@ -59,14 +59,17 @@ def _abstract(tree: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
+# the unsigned type an element's bits are read as, by its byte size (8 bytes: two 32-bit words)
+_WORD_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}
+
+
 def _as_words(x: jax.Array) -> jax.Array:
     """The bit pattern of `x` as uint32 words (one per element for <= 4-byte dtypes)."""
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     if x.dtype == jnp.bool_:
         return x.astype(jnp.uint32)
-    size = jnp.dtype(x.dtype).itemsize
-    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size]
+    unsigned = _WORD_OF_SIZE[jnp.dtype(x.dtype).itemsize]
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
 
@@ -98,14 +101,11 @@ def _host_fingerprint(leaf: jax.Array) -> int:
         leaf = jax.random.key_data(leaf)
     x = np.asarray(leaf)
     if x.dtype == np.bool_:
-        words = x.astype(np.uint32)
-    else:
-        size = x.dtype.itemsize
-        unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[size]
-        # an 8-byte element is two little-endian words, as XLA's bitcast to uint32 gives them
-        words = np.ascontiguousarray(x).view(unsigned).astype(np.uint32).reshape(-1)
+        words = x.astype(np.uint32).reshape(-1)
+    else:  # an 8-byte element is two little-endian words, as XLA's bitcast to uint32 gives them
+        words = np.ascontiguousarray(x).view(_WORD_OF_SIZE[x.dtype.itemsize]).astype(np.uint32).reshape(-1)
     weights = np.arange(words.size, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
-    return int(np.sum(words.reshape(-1) * weights, dtype=np.uint32))
+    return int(np.sum(words * weights, dtype=np.uint32))
 
 
 def tree_fingerprints(tree: Any) -> dict[str, int]:
