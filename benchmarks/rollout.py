@@ -24,7 +24,14 @@ them alike. Per run:
     `share of weight floor` = floor / seconds per forward (1.0 = bandwidth-bound at the floor);
   * the matmul floor of a forward: its matmul FLOPs (projections, MLP, attention over the live
     cache, LM head) / the FLOP/s of a jitted float32 matmul measured here; `share of matmul floor`
-    likewise.
+    likewise. A forward carrying a fused save also runs the decided block through the layers (2b
+    tokens per row); the floor counts the forwards as run (`fused`: their share of the forwards).
+    `step floor` counts only the b tokens a denoising step decides (the accounting before the save
+    pass was fused: with one step per block, as greedy dynamic decoding mostly takes, it tops out
+    near (L + H) / (2L + H) of the floor, L and H the layers' and the head's FLOPs per token);
+  * the decode program's XLA compiler options (`--xla-options`): the package's choice by platform
+    and size (`decode_xla_options`), XLA's defaults, or XLA:CPU's YNNPACK fusions off at every size,
+    run side by side.
 
 Medians over repeats are reported (and the best run, in the JSON). On CPU the sampler streams the
 weights one array per layer (`per_layer_weights_pay`: no copy per forward); the compile time of the
@@ -58,7 +65,8 @@ from flax import nnx  # noqa: E402
 
 from tradojax.config import ModelConfig, SamplingConfig  # noqa: E402
 from tradojax.models.transformer import init_model  # noqa: E402
-from tradojax.sampling.block_diffusion import BlockDiffusionSampler, cache_slots  # noqa: E402
+from tradojax.sampling.block_diffusion import (  # noqa: E402
+    _CPU_SMALL_DECODE_OPTIONS, BlockDiffusionSampler, cache_slots)
 
 MODELS = {
     # the SDAR-class model of issue 13: 124.7M parameters
@@ -67,6 +75,10 @@ MODELS = {
     "tiny": ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=16, max_position_embeddings=512),
 }
+
+# The decode program's XLA compiler options: the package's choice (by platform and size), XLA's
+# defaults, or XLA:CPU's YNNPACK fusions off whatever the size (to place the package's threshold).
+XLA_OPTIONS = {"package": None, "xla-defaults": (), "ynn-off": _CPU_SMALL_DECODE_OPTIONS}
 
 MODES = {
     "static": dict(temperature=1.0, top_k=0, remasking_strategy="low_confidence_static"),
@@ -87,25 +99,28 @@ def streamed_weights(params: nnx.State) -> list[jax.Array]:
 
 
 class Floors:
-    """The weight-read and matmul floors, timed on demand (interleaved with the rollouts)."""
+    """The weight-read and matmul floors, timed on demand (interleaved with the rollouts). Each is
+    compiled with every set of XLA options the decodes run with, and the fastest counts (a floor
+    no option set the package uses could beat)."""
 
-    def __init__(self, weights: list[jax.Array], matmul_size: int):
+    def __init__(self, weights: list[jax.Array], matmul_size: int, xla_options: list[tuple]):
         self.weights = weights
         self.weight_bytes = sum(w.size * w.dtype.itemsize for w in weights)
-        self._read = jax.jit(lambda ws: sum(jnp.sum(w) for w in ws))
-        self._read(weights).block_until_ready()
         self.matmul_size = matmul_size
         self._a = jax.random.normal(jax.random.key(0), (matmul_size, matmul_size), jnp.float32)
-        self._dot = jax.jit(lambda x: x @ x)
-        self._dot(self._a).block_until_ready()
+        self._reads = [jax.jit(lambda ws: sum(jnp.sum(w) for w in ws), compiler_options=dict(o)) for o in xla_options]
+        self._dots = [jax.jit(lambda x: x @ x, compiler_options=dict(o)) for o in xla_options]
+        for read, dot in zip(self._reads, self._dots):
+            read(weights).block_until_ready()
+            dot(self._a).block_until_ready()
         self.read_seconds: list[float] = []
         self.matmul_seconds: list[float] = []
 
     def measure(self, repeats: int = 3) -> None:
-        self.read_seconds.append(min(_timed(lambda: self._read(self.weights).block_until_ready())
-                                     for _ in range(repeats)))
-        self.matmul_seconds.append(min(_timed(lambda: self._dot(self._a).block_until_ready())
-                                       for _ in range(repeats)))
+        self.read_seconds.append(min(_timed(lambda: read(self.weights).block_until_ready())
+                                     for read in self._reads for _ in range(repeats)))
+        self.matmul_seconds.append(min(_timed(lambda: dot(self._a).block_until_ready())
+                                       for dot in self._dots for _ in range(repeats)))
 
     @property
     def weight_read_seconds(self) -> float:
@@ -116,15 +131,20 @@ class Floors:
         return 2 * self.matmul_size ** 3 / statistics.median(self.matmul_seconds)
 
 
-def forward_flops(config: ModelConfig, rows: int, block: int, live_keys: float) -> float:
+def forward_flops(config: ModelConfig, rows: int, block: int, live_keys: float, saves: bool = False) -> float:
     """Matmul FLOPs of one cached decode forward: projections + MLP of `block` tokens per row,
-    attention over `live_keys` keys (cache + block), the LM head of `block` tokens."""
+    attention over `live_keys` keys (cache + block), the LM head of `block` tokens. A forward that
+    `saves` (the fused save) also runs the decided block's `block` tokens through every layer (their
+    K/V; attention over the cache and themselves), without the LM head."""
     c = config
     projections = 2 * c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
     mlp = 2 * 3 * c.hidden_size * c.intermediate_size
     attention = 4 * c.num_heads * c.head_dim * live_keys
     head = 2 * c.hidden_size * c.vocab_size
-    return float(rows * block * (c.num_layers * (projections + mlp + attention) + head))
+    flops = rows * block * (c.num_layers * (projections + mlp + attention) + head)
+    if saves:
+        flops += rows * block * c.num_layers * (projections + mlp + 4 * c.num_heads * c.head_dim * (live_keys - block))
+    return float(flops)
 
 
 def decode_compile_seconds(model, sampling: SamplingConfig, rows: int, prompt_length: int) -> dict:
@@ -146,10 +166,10 @@ class _Measured(Exception):
 def run_once(sampler: BlockDiffusionSampler, prompts, chunk: int, measure_forwards: int) -> dict:
     """One `generate` call, timed at every chunk end. With `measure_forwards` > 0 the run stops once
     that many forwards have run after the first chunk (which holds the prefill, and compilation)."""
-    marks: list[tuple[float, int, int]] = []  # (time, forwards, tokens generated)
+    marks: list[tuple[float, int, int, int]] = []  # (time, forwards, tokens generated, fused-save forwards)
 
     def progress(p):
-        marks.append((time.perf_counter(), p.forwards, p.tokens_generated))
+        marks.append((time.perf_counter(), p.forwards, p.tokens_generated, p.save_forwards))
         if measure_forwards and p.forwards - marks[0][1] >= measure_forwards and p.rows_done < p.rows_total:
             raise _Measured
 
@@ -166,13 +186,14 @@ def run_once(sampler: BlockDiffusionSampler, prompts, chunk: int, measure_forwar
         result.update(generated=rollout.num_generated, forwards=int(rollout.num_forwards),
                       save_forwards=getattr(rollout, "save_forwards", None))
     if len(marks) >= 2:  # steady state: from the end of the first chunk to the last mark
-        (t0, f0, g0), (t1, f1, g1) = marks[0], marks[-1]
-        result.update(steady_seconds=t1 - t0, steady_forwards=f1 - f0, steady_tokens=g1 - g0)
+        (t0, f0, g0, s0), (t1, f1, g1, s1) = marks[0], marks[-1]
+        result.update(steady_seconds=t1 - t0, steady_forwards=f1 - f0, steady_tokens=g1 - g0, steady_save_forwards=s1 - s0)
         # the quietest chunk (the floors are each the best of 3 reads, so comparable to this)
         result["best_chunk_seconds_per_forward"] = min(
             (b[0] - a[0]) / (b[1] - a[1]) for a, b in zip(marks, marks[1:]) if b[1] > a[1])
     elif complete:  # one chunk: the whole run, prefill included
-        result.update(steady_seconds=wall, steady_forwards=result["forwards"], steady_tokens=result["generated"])
+        result.update(steady_seconds=wall, steady_forwards=result["forwards"], steady_tokens=result["generated"],
+                      steady_save_forwards=result["save_forwards"])
     return result
 
 
@@ -200,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                              "shared host where complete batch-64 runs take too long")
     parser.add_argument("--head-scale", type=float, default=40.0,
                         help="LM head multiplier: greedy confidences of a trained model, not a random one")
+    parser.add_argument("--xla-options", nargs="+", choices=sorted(XLA_OPTIONS), default=["package"],
+                        help="decode programs' XLA options to run side by side (interleaved): the package's "
+                             "choice, XLA's defaults, or YNNPACK fusions off at every size")
     parser.add_argument("--out", default="benchmarks/results/rollout.json")
     args = parser.parse_args(argv)
     load_start = os.getloadavg()
@@ -214,12 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     model = init_model(config, seed=0)
     model.lm_head[...] = model.lm_head[...] * args.head_scale
     params = nnx.split(model)[1]
-    floors = Floors(streamed_weights(params), 256 if args.quick else 2048)
     slots = cache_slots(args.prompt_length, block, max_new)
     print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, jax {jax.__version__} "
           f"({jax.default_backend()}), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, load {load_start}")
     print(f"{name}: {config.num_params() / 1e6:.1f}M parameters ({config.compute_dtype}), "
-          f"{floors.weight_bytes / 1e6:.1f} MB streamed per forward; prompt {args.prompt_length}, {max_new} new "
+          f"{sum(w.nbytes for w in streamed_weights(params)) / 1e6:.1f} MB streamed per forward; prompt {args.prompt_length}, {max_new} new "
           f"tokens, block {block}, cache {slots} slots; {repeats} interleaved repeats")
 
     rng = np.random.RandomState(0)
@@ -230,13 +253,22 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes:
             sampling = SamplingConfig(block_size=block, denoising_steps=block, max_new_tokens=max_new,
                                       prompt_buckets=(args.prompt_length,), **MODES[mode])
-            sampler = BlockDiffusionSampler(model, sampling)
             if compile_seconds is None:
                 compile_seconds = {"case": [batch, mode], **decode_compile_seconds(model, sampling, batch, args.prompt_length)}
-            start = time.perf_counter()
-            run_once(sampler, prompts, args.chunk, args.measure_forwards)  # compile, warm up
-            cases[(batch, mode)] = {"sampler": sampler, "prompts": prompts, "runs": [],
-                                    "compile_and_first_run_seconds": time.perf_counter() - start}
+            seen = set()
+            for variant in args.xla_options:
+                sampler = BlockDiffusionSampler(model, sampling, xla_options=XLA_OPTIONS[variant])
+                options = sampler.decode_options(batch, args.prompt_length)
+                if tuple(options.items()) in seen:  # the same program as a variant already run
+                    continue
+                seen.add(tuple(options.items()))
+                start = time.perf_counter()
+                run_once(sampler, prompts, args.chunk, args.measure_forwards)  # compile, warm up
+                cases[(batch, mode, variant)] = {"sampler": sampler, "prompts": prompts, "runs": [],
+                                                 "options": options,
+                                                 "compile_and_first_run_seconds": time.perf_counter() - start}
+    floors = Floors(streamed_weights(params), 256 if args.quick else 2048,
+                    sorted({tuple(case["options"].items()) for case in cases.values()}))
     for repeat in range(repeats):
         floors.measure()
         for key, case in cases.items():
@@ -248,16 +280,21 @@ def main(argv: list[str] | None = None) -> int:
     flops_per_second = floors.matmul_flops_per_second
     average_live = args.prompt_length + max_new / 2 + block
     results = []
-    for (batch, mode), case in cases.items():
+    for (batch, mode, variant), case in cases.items():
         runs = case["runs"]
         complete = [r for r in runs if r["complete"]]
         if any((r["forwards"], r["generated"]) != (complete[0]["forwards"], complete[0]["generated"]) for r in complete):
-            raise RuntimeError(f"batch {batch} {mode}: runs differ in forwards or tokens: {runs}")
+            raise RuntimeError(f"batch {batch} {mode} {variant}: runs differ in forwards or tokens: {runs}")
         seconds = statistics.median(r["steady_seconds"] / r["steady_forwards"] for r in runs)
         tokens_per_forward = sum(r["steady_tokens"] for r in runs) / sum(r["steady_forwards"] for r in runs)
-        matmul_floor = forward_flops(config, batch, block, average_live) / flops_per_second
+        # the matmul floor of the forwards as run (a fused save's forward carries 2b tokens per row
+        # through the layers), and of the b tokens a step decides (the pre-fusion accounting)
+        saving_share = sum(r["steady_save_forwards"] for r in runs) / sum(r["steady_forwards"] for r in runs)
+        step_floor = forward_flops(config, batch, block, average_live) / flops_per_second
+        matmul_floor = ((1 - saving_share) * step_floor
+                        + saving_share * forward_flops(config, batch, block, average_live, saves=True) / flops_per_second)
         row = {
-            "batch": batch, "mode": mode,
+            "batch": batch, "mode": mode, "xla_options": variant, "decode_xla_options": case["options"],
             "complete_runs": len(complete),
             "generated_tokens": complete[0]["generated"] if complete else None,
             "forwards": complete[0]["forwards"] if complete else None,
@@ -270,8 +307,11 @@ def main(argv: list[str] | None = None) -> int:
             "seconds_per_forward": seconds,
             "share_of_weight_floor": floor_seconds / seconds,
             "best_chunk_seconds_per_forward": min((r.get("best_chunk_seconds_per_forward", seconds) for r in runs)),
+            "fused_save_share_of_forwards": saving_share,
             "matmul_floor_seconds_per_forward": matmul_floor,
             "share_of_matmul_floor": matmul_floor / seconds,
+            "step_matmul_floor_seconds_per_forward": step_floor,
+            "share_of_step_matmul_floor": step_floor / seconds,
             "best_chunk_share_of_weight_floor": floor_seconds / min(
                 r.get("best_chunk_seconds_per_forward", seconds) for r in runs),
             "best_chunk_share_of_matmul_floor": matmul_floor / min(
@@ -311,13 +351,14 @@ def main(argv: list[str] | None = None) -> int:
 def _print_table(results: list[dict], floor_seconds: float, flops_per_second: float) -> None:
     print(f"\nweight-read floor {floor_seconds * 1e3:.1f} ms per forward; matmul {flops_per_second / 1e9:.1f} GFLOP/s")
     print("(shares of a floor: median over runs; in brackets the quietest chunk's)")
-    print(f"{'batch':>5} {'mode':>8} {'fwd':>5} {'fwd/tok':>8} {'tok/s':>9} {'ms/fwd':>9} "
-          f"{'weight floor':>14} {'matmul floor':>14}")
+    print(f"{'batch':>5} {'mode':>8} {'xla options':>12} {'fwd':>5} {'fwd/tok':>8} {'tok/s':>9} {'ms/fwd':>9} "
+          f"{'weight floor':>14} {'matmul floor':>14} {'fused':>6} {'step floor':>11}")
     for r in results:
-        print(f"{r['batch']:>5} {r['mode']:>8} {str(r['forwards'] or '-'):>5} {r['forwards_per_token']:>8.2f} "
+        print(f"{r['batch']:>5} {r['mode']:>8} {r['xla_options']:>12} {str(r['forwards'] or '-'):>5} {r['forwards_per_token']:>8.2f} "
               f"{r['tokens_per_second']:>9.1f} {r['seconds_per_forward'] * 1e3:>9.2f} "
               f"{r['share_of_weight_floor']:>6.2f} ({r['best_chunk_share_of_weight_floor']:.2f}) "
-              f"{r['share_of_matmul_floor']:>6.2f} ({r['best_chunk_share_of_matmul_floor']:.2f})")
+              f"{r['share_of_matmul_floor']:>6.2f} ({r['best_chunk_share_of_matmul_floor']:.2f}) "
+              f"{r['fused_save_share_of_forwards']:>6.2f} {r['share_of_step_matmul_floor']:>11.2f}")
 
 
 if __name__ == "__main__":

@@ -60,3 +60,38 @@ def test_fast_paths_give_the_same_rollout(strategy, monkeypatch):
         assert (apart > 2e-6).mean() <= 0.02 and apart.max() < 1e-2, apart.max()
     else:
         assert apart.max() <= 2e-6, apart.max()  # attention sums reordered
+
+
+def test_small_cpu_decodes_compile_with_the_package_xla_options():
+    """On CPU, a decode whose largest forward (the fused save's 2b tokens per resident sequence) has
+    at most 32 tokens compiles with XLA:CPU's YNNPACK fusions off (its few-row matmul kernels are
+    slow: benchmarks/rollout.py); larger ones, and the other platforms, keep XLA's defaults."""
+    from tradojax.sampling.block_diffusion import _CPU_SMALL_DECODE_OPTIONS, decode_xla_options
+
+    assert decode_xla_options(None, 32) == (_CPU_SMALL_DECODE_OPTIONS if jax.default_backend() == "cpu" else ())
+    assert decode_xla_options(None, 64) == ()
+    model = init_model(CONFIG, seed=3)
+    sampler = BlockDiffusionSampler(model, SamplingConfig(block_size=4, denoising_steps=4, max_new_tokens=8))
+    small, large = sampler.decode_options(4, 12), sampler.decode_options(5, 12)  # 4 x 2b = 32, 5 x 2b = 40 tokens
+    assert small == (dict(_CPU_SMALL_DECODE_OPTIONS) if jax.default_backend() == "cpu" else {})
+    assert large == {}
+    pinned = BlockDiffusionSampler(model, SamplingConfig(block_size=4, denoising_steps=4, max_new_tokens=8),
+                                   xla_options=())
+    assert pinned.decode_options(1, 12) == {}
+
+
+@pytest.mark.parametrize("strategy", ["greedy_dynamic", "sampled_static"])
+def test_the_small_decode_xla_options_change_no_token(strategy):
+    """YNNPACK fusions off (the package's choice for small CPU decodes) only changes matmul rounding:
+    the same tokens and traces as XLA's defaults, log-probs within float32 rounding."""
+    from tradojax.sampling.block_diffusion import _CPU_SMALL_DECODE_OPTIONS
+
+    model = init_model(CONFIG, seed=3)
+    sampling = SamplingConfig(block_size=4, denoising_steps=4, max_new_tokens=24, num_samples=2,
+                              **STRATEGIES[strategy])
+    tuned = rollout(BlockDiffusionSampler(model, sampling, xla_options=_CPU_SMALL_DECODE_OPTIONS))
+    plain = rollout(BlockDiffusionSampler(model, sampling, xla_options=()))
+    assert tuned["lengths"].sum() > 0
+    for name in ("tokens", "trace", "lengths"):
+        np.testing.assert_array_equal(tuned[name], plain[name], err_msg=name)
+    assert np.abs(tuned["logprobs"] - plain["logprobs"]).max() <= 2e-6

@@ -86,7 +86,10 @@ iteration limit is a traced argument, so a caller can run it in chunks for a pro
 the sampler streams the layer weights one array per layer (`per_layer_weights_pay`: XLA:CPU would
 copy every weight slice a scan over the stacked layers takes, about the model per forward); the
 decode's layer loop is then unrolled, compiling in time linear in depth; the answers are the same
-bit for bit (tests/test_decode_paths.py).
+bit for bit (tests/test_decode_paths.py). A small CPU decode (its largest forward at most 32 tokens)
+is compiled with XLA:CPU's YNNPACK fusions off (`decode_xla_options`, per program: the rest of the
+process keeps XLA's defaults): XLA's own kernels for few-row matmuls are faster there (batch-1
+forwards 61 -> 41 ms at 125M, `benchmarks/rollout.py`); only matmul rounding changes.
 
 An uncached reference mode (`cached=False`) recomputes the whole canvas (prompt + committed blocks
 + current block) with the model's full forward under the dense block-causal mask at every step;
@@ -172,6 +175,7 @@ class Progress:
     tokens_generated: int
     tokens_budget: int  # rows_total * max_new_tokens
     forwards: int
+    save_forwards: int = 0  # of `forwards`, those that also wrote decided blocks' K/V (2b tokens per row)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -708,6 +712,16 @@ def _outputs(state: DecodeState, plan: _Plan, rows: int) -> dict[str, jax.Array]
 _start_jit = jax.jit(_start, static_argnames=("plan",))
 _refill_jit = jax.jit(_refill, static_argnames=("graphdef", "plan"), donate_argnames=("state", "stage"))
 _decode_jit = jax.jit(_decode, static_argnames=("graphdef", "plan"), donate_argnames=("state",))
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_program(xla_options: tuple[tuple[str, str], ...]) -> Callable:
+    """`_decode` compiled with these XLA compiler options (per program: the rest of the process keeps
+    XLA's defaults); no options: `_decode_jit` itself."""
+    if not xla_options:
+        return _decode_jit
+    return jax.jit(_decode, static_argnames=("graphdef", "plan"), donate_argnames=("state",),
+                   compiler_options=dict(xla_options))
 _outputs_jit = jax.jit(_outputs, static_argnames=("plan", "rows"))
 
 
@@ -817,6 +831,23 @@ def per_layer_weights_pay(mesh: Mesh | None) -> bool:
     without a copy, and compile time stays independent of depth). The platform is the mesh's
     (an AOT compile for TPU on a CPU host decides for TPU), else the default backend's."""
     return _platform(mesh) == "cpu"
+
+
+# XLA:CPU's YNNPACK fusions off (dots fall back to XLA's own kernels): its kernels for the few-row
+# matmuls of a small decode forward are slow (benchmarks/small_matmul.py, benchmarks/rollout.py).
+_CPU_SMALL_DECODE_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),)
+# Tokens of a decode's largest forward (the fused save's: 2b per resident sequence) up to which the
+# CPU decode compiles with them (XLA's default kernels win from about 64 rows per matmul).
+_CPU_SMALL_DECODE_TOKENS = 32
+
+
+def decode_xla_options(mesh: Mesh | None, largest_forward_tokens: int) -> tuple[tuple[str, str], ...]:
+    """The XLA compiler options the decode program is compiled with, by platform and size (measured
+    by `benchmarks/rollout.py`): on CPU, `_CPU_SMALL_DECODE_OPTIONS` where the largest forward has at
+    most `_CPU_SMALL_DECODE_TOKENS` tokens; none elsewhere."""
+    if _platform(mesh) == "cpu" and largest_forward_tokens <= _CPU_SMALL_DECODE_TOKENS:
+        return _CPU_SMALL_DECODE_OPTIONS
+    return ()
 
 
 def _platform(mesh: Mesh | None) -> str:
@@ -935,7 +966,7 @@ class BlockDiffusionSampler:
     """
 
     def __init__(self, model: Decoder, sampling: SamplingConfig, *, mesh: Mesh | None = None, cached: bool = True,
-                 per_layer: bool | None = None):
+                 per_layer: bool | None = None, xla_options: tuple[tuple[str, str], ...] | None = None):
         self.model_config: ModelConfig = model.config
         check_sampling(sampling, self.model_config)
         self.sampling = sampling
@@ -949,6 +980,17 @@ class BlockDiffusionSampler:
             self.data_parallel = math.prod(mesh.shape[a] for a in self.batch_axes)
         # the layer weights one array per layer (default: where that pays); either way the same answers
         self.per_layer = per_layer_weights_pay(mesh) if per_layer is None else per_layer
+        # the decode program's XLA options (default: `decode_xla_options`, by platform and size)
+        self.xla_options = xla_options
+
+    def _decode_fn(self, plan: _Plan) -> Callable:
+        """The jitted decode for this plan, compiled with this sampler's XLA options."""
+        return _decode_program(self._xla_options(plan))
+
+    def _xla_options(self, plan: _Plan) -> tuple[tuple[str, str], ...]:
+        if self.xla_options is not None:
+            return tuple(self.xla_options)
+        return decode_xla_options(self.mesh, plan.max_active * 2 * plan.block_size)
 
     @functools.cached_property
     def params(self) -> nnx.State:
@@ -1039,17 +1081,14 @@ class BlockDiffusionSampler:
         start: allocates the slots (KV cache of `max_active` sequences per replica), the stage and
         the rollout; refill: prefills staged prompts and starts rows in free slots; decode: the
         denoising loop (until a refill is due or every row is done); outputs: the rollout arrays."""
-        s = self.sampling
-        num_real = -(-rows // s.num_samples)
-        num_prompts = self._prompt_layout(num_real)
-        bucket = prompt_bucket(prompt_len, s.prompt_buckets)
-        plan = self._plan(bucket, num_prompts)
+        plan = self._plan_for(rows, prompt_len)
+        num_real = -(-rows // self.sampling.num_samples)
         params = self.abstract_params()
         rng = self._abstract_replicated(jax.random.key(0))
         state, stage = _start_jit.eval_shape(plan.layout_only())
         state, stage = self._abstract_tree(state, plan), self._abstract_tree(stage, plan)
         entries, slots = plan.replicas * plan.staged, plan.replicas * plan.max_active
-        refill_args = (self.graphdef, params, state, stage, self._abstract_rows((entries, bucket), jnp.int32),
+        refill_args = (self.graphdef, params, state, stage, self._abstract_rows((entries, plan.bucket), jnp.int32),
                        self._abstract_rows((entries,), jnp.int32), self._abstract_rows((entries,), jnp.bool_),
                        self._abstract_rows((slots,), jnp.int32), self._abstract_rows((slots,), jnp.int32), rng,
                        plan.layout_only())
@@ -1059,9 +1098,19 @@ class BlockDiffusionSampler:
         return {
             "start": (_start_jit, (plan.layout_only(),), {}),
             "refill": (_refill_jit, refill_args, {}),
-            "decode": (_decode_jit, decode_args, {}),
-            "outputs": (_outputs_jit, (state, plan, num_real * s.num_samples), {}),
+            "decode": (self._decode_fn(plan), decode_args, {}),
+            "outputs": (_outputs_jit, (state, plan, num_real * self.sampling.num_samples), {}),
         }
+
+    def _plan_for(self, rows: int, prompt_len: int) -> _Plan:
+        """The plan `generate` runs for `rows` sequences with prompts padded to `prompt_len`."""
+        s = self.sampling
+        num_prompts = self._prompt_layout(-(-rows // s.num_samples))
+        return self._plan(prompt_bucket(prompt_len, s.prompt_buckets), num_prompts)
+
+    def decode_options(self, rows: int, prompt_len: int) -> dict[str, str]:
+        """The XLA compiler options the decode program for `rows` sequences is compiled with."""
+        return dict(self._xla_options(self._plan_for(rows, prompt_len)))
 
     # ------------------------------------------------------------------ generation
 
@@ -1140,6 +1189,7 @@ class BlockDiffusionSampler:
         total_limit = self.max_iterations() * plan.rows_per_replica  # a safety bound, never reached
         chunk = self._replicate(jnp.int32(total_limit if iterations_per_call is None else max(1, int(iterations_per_call))))
         state, stage = _start_jit(plan.layout_only())
+        decode = self._decode_fn(plan)
         loads = spent = saves = 0
         while True:
             while (refill := schedule.next_refill()) is not None:
@@ -1154,14 +1204,14 @@ class BlockDiffusionSampler:
                 stage = None  # every row has started: free the staged prompts' cache
             if schedule.free.all():
                 break
-            state, summary, free = _decode_jit(self.graphdef, params, state, knobs, chunk,
-                                               self._replicate(jnp.asarray(pending)), plan)
+            state, summary, free = decode(self.graphdef, params, state, knobs, chunk,
+                                          self._replicate(jnp.asarray(pending)), plan)
             tokens_generated, spent, saves = (int(x) for x in np.asarray(summary))
             schedule.free = np.array(free)
             if progress is not None:
                 progress(Progress(rows_done=schedule.started - int((~schedule.free).sum()), rows_total=real_rows,
                                   tokens_generated=tokens_generated, tokens_budget=real_rows * s.max_new_tokens,
-                                  forwards=spent))
+                                  forwards=spent, save_forwards=saves))
             if spent >= total_limit:  # cannot happen: every strategy finishes a block in `steps` steps
                 raise RuntimeError(f"decoding did not finish within {total_limit} iterations")
         outputs = _outputs_jit(state, plan, real_rows)
