@@ -712,6 +712,7 @@ def _outputs(state: DecodeState, plan: _Plan, rows: int) -> dict[str, jax.Array]
 _start_jit = jax.jit(_start, static_argnames=("plan",))
 _refill_jit = jax.jit(_refill, static_argnames=("graphdef", "plan"), donate_argnames=("state", "stage"))
 _decode_jit = jax.jit(_decode, static_argnames=("graphdef", "plan"), donate_argnames=("state",))
+_outputs_jit = jax.jit(_outputs, static_argnames=("plan", "rows"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -722,7 +723,6 @@ def _decode_program(xla_options: tuple[tuple[str, str], ...]) -> Callable:
         return _decode_jit
     return jax.jit(_decode, static_argnames=("graphdef", "plan"), donate_argnames=("state",),
                    compiler_options=dict(xla_options))
-_outputs_jit = jax.jit(_outputs, static_argnames=("plan", "rows"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -990,7 +990,9 @@ class BlockDiffusionSampler:
     def _xla_options(self, plan: _Plan) -> tuple[tuple[str, str], ...]:
         if self.xla_options is not None:
             return tuple(self.xla_options)
-        return decode_xla_options(self.mesh, plan.max_active * 2 * plan.block_size)
+        # the largest forward: the fused save's 2b tokens per sequence, or the uncached whole canvas
+        per_sequence = 2 * plan.block_size if plan.cached else plan.slots
+        return decode_xla_options(self.mesh, plan.max_active * per_sequence)
 
     @functools.cached_property
     def params(self) -> nnx.State:
