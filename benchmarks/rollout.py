@@ -66,7 +66,7 @@ from flax import nnx  # noqa: E402
 from tradojax.config import ModelConfig, SamplingConfig  # noqa: E402
 from tradojax.models.transformer import init_model  # noqa: E402
 from tradojax.sampling.block_diffusion import (  # noqa: E402
-    _CPU_SMALL_DECODE_OPTIONS, BlockDiffusionSampler, cache_slots)
+    CPU_SMALL_DECODE_OPTIONS, BlockDiffusionSampler, cache_slots)
 
 MODELS = {
     # the SDAR-class model of issue 13: 124.7M parameters
@@ -78,7 +78,7 @@ MODELS = {
 
 # The decode program's XLA compiler options: the package's choice (by platform and size), XLA's
 # defaults, or XLA:CPU's YNNPACK fusions off whatever the size (to place the package's threshold).
-XLA_OPTIONS = {"package": None, "xla-defaults": (), "ynn-off": _CPU_SMALL_DECODE_OPTIONS}
+XLA_OPTIONS = {"package": None, "xla-defaults": (), "ynn-off": CPU_SMALL_DECODE_OPTIONS}
 
 MODES = {
     "static": dict(temperature=1.0, top_k=0, remasking_strategy="low_confidence_static"),

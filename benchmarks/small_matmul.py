@@ -37,10 +37,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from tradojax.models.transformer import KVCache, init_model, per_layer_view  # noqa: E402
-from tradojax.sampling.block_diffusion import _CPU_SMALL_DECODE_OPTIONS  # noqa: E402
+from tradojax.sampling.block_diffusion import CPU_SMALL_DECODE_OPTIONS  # noqa: E402
 
 # XLA's defaults, and the options the sampler compiles small CPU decodes with
-OPTION_SETS = {"": {}, " [ynn off]": dict(_CPU_SMALL_DECODE_OPTIONS)}
+OPTION_SETS = {"": {}, " [ynn off]": dict(CPU_SMALL_DECODE_OPTIONS)}
 
 SHAPES = {"lm_head": (768, 32000), "mlp_up": (768, 3072), "mlp_down": (3072, 768)}
 

@@ -14,7 +14,7 @@ import jax
 from tradojax.config import ModelConfig, SamplingConfig
 from tradojax.models.transformer import init_model
 from tradojax.ops import attention as attention_ops
-from tradojax.sampling.block_diffusion import BlockDiffusionSampler
+from tradojax.sampling.block_diffusion import CPU_SMALL_DECODE_OPTIONS, BlockDiffusionSampler, decode_xla_options
 
 CONFIG = ModelConfig(num_layers=3, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=300,
                      attention_impl="reference")
@@ -66,14 +66,12 @@ def test_small_cpu_decodes_compile_with_the_package_xla_options():
     """On CPU, a decode whose largest forward (the fused save's 2b tokens per resident sequence) has
     at most 32 tokens compiles with XLA:CPU's YNNPACK fusions off (its few-row matmul kernels are
     slow: benchmarks/rollout.py); larger ones, and the other platforms, keep XLA's defaults."""
-    from tradojax.sampling.block_diffusion import _CPU_SMALL_DECODE_OPTIONS, decode_xla_options
-
-    assert decode_xla_options(None, 32) == (_CPU_SMALL_DECODE_OPTIONS if jax.default_backend() == "cpu" else ())
+    assert decode_xla_options(None, 32) == (CPU_SMALL_DECODE_OPTIONS if jax.default_backend() == "cpu" else ())
     assert decode_xla_options(None, 64) == ()
     model = init_model(CONFIG, seed=3)
     sampler = BlockDiffusionSampler(model, SamplingConfig(block_size=4, denoising_steps=4, max_new_tokens=8))
     small, large = sampler.decode_options(4, 12), sampler.decode_options(5, 12)  # 4 x 2b = 32, 5 x 2b = 40 tokens
-    assert small == (dict(_CPU_SMALL_DECODE_OPTIONS) if jax.default_backend() == "cpu" else {})
+    assert small == (dict(CPU_SMALL_DECODE_OPTIONS) if jax.default_backend() == "cpu" else {})
     assert large == {}
     pinned = BlockDiffusionSampler(model, SamplingConfig(block_size=4, denoising_steps=4, max_new_tokens=8),
                                    xla_options=())
@@ -84,12 +82,10 @@ def test_small_cpu_decodes_compile_with_the_package_xla_options():
 def test_the_small_decode_xla_options_change_no_token(strategy):
     """YNNPACK fusions off (the package's choice for small CPU decodes) only changes matmul rounding:
     the same tokens and traces as XLA's defaults, log-probs within float32 rounding."""
-    from tradojax.sampling.block_diffusion import _CPU_SMALL_DECODE_OPTIONS
-
     model = init_model(CONFIG, seed=3)
     sampling = SamplingConfig(block_size=4, denoising_steps=4, max_new_tokens=24, num_samples=2,
                               **STRATEGIES[strategy])
-    tuned = rollout(BlockDiffusionSampler(model, sampling, xla_options=_CPU_SMALL_DECODE_OPTIONS))
+    tuned = rollout(BlockDiffusionSampler(model, sampling, xla_options=CPU_SMALL_DECODE_OPTIONS))
     plain = rollout(BlockDiffusionSampler(model, sampling, xla_options=()))
     assert tuned["lengths"].sum() > 0
     for name in ("tokens", "trace", "lengths"):

@@ -835,7 +835,7 @@ def per_layer_weights_pay(mesh: Mesh | None) -> bool:
 
 # XLA:CPU's YNNPACK fusions off (dots fall back to XLA's own kernels): its kernels for the few-row
 # matmuls of a small decode forward are slow (benchmarks/small_matmul.py, benchmarks/rollout.py).
-_CPU_SMALL_DECODE_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),)
+CPU_SMALL_DECODE_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),)
 # Tokens of a decode's largest forward (the fused save's: 2b per resident sequence) up to which the
 # CPU decode compiles with them (XLA's default kernels win from about 64 rows per matmul).
 _CPU_SMALL_DECODE_TOKENS = 32
@@ -843,10 +843,10 @@ _CPU_SMALL_DECODE_TOKENS = 32
 
 def decode_xla_options(mesh: Mesh | None, largest_forward_tokens: int) -> tuple[tuple[str, str], ...]:
     """The XLA compiler options the decode program is compiled with, by platform and size (measured
-    by `benchmarks/rollout.py`): on CPU, `_CPU_SMALL_DECODE_OPTIONS` where the largest forward has at
+    by `benchmarks/rollout.py`): on CPU, `CPU_SMALL_DECODE_OPTIONS` where the largest forward has at
     most `_CPU_SMALL_DECODE_TOKENS` tokens; none elsewhere."""
     if _platform(mesh) == "cpu" and largest_forward_tokens <= _CPU_SMALL_DECODE_TOKENS:
-        return _CPU_SMALL_DECODE_OPTIONS
+        return CPU_SMALL_DECODE_OPTIONS
     return ()
 
 
