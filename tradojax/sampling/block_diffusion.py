@@ -89,7 +89,8 @@ decode's layer loop is then unrolled, compiling in time linear in depth; the ans
 bit for bit (tests/test_decode_paths.py). A small CPU decode (its largest forward at most 32 tokens)
 is compiled with XLA:CPU's YNNPACK fusions off (`decode_xla_options`, per program: the rest of the
 process keeps XLA's defaults): XLA's own kernels for few-row matmuls are faster there (batch-1
-forwards 61 -> 41 ms at 125M, `benchmarks/rollout.py`); only matmul rounding changes.
+static forwards 71.7 -> 50.7 ms at 125M, `benchmarks/results/rollout.json`); only matmul rounding
+changes.
 
 An uncached reference mode (`cached=False`) recomputes the whole canvas (prompt + committed blocks
 + current block) with the model's full forward under the dense block-causal mask at every step;
