@@ -23,17 +23,6 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import pytest  # noqa: E402
 
 
-@pytest.fixture
-def least_effort_tpu_compile():
-    """TPU compiles (AOT fit, Mosaic lowering) with the least scheduling effort: the headline
-    config's compile 120 -> 77 s on 2 cores. What the README quotes for fit comes from
-    `benchmarks/aot_report.py`, at XLA's default effort."""
-    previous = jax.config.jax_exec_time_optimization_effort
-    jax.config.update("jax_exec_time_optimization_effort", -1.0)
-    yield
-    jax.config.update("jax_exec_time_optimization_effort", previous)
-
-
 def pytest_collection_modifyitems(config, items):
     """The end-to-end (slow) tests first, the longest (the demo's learning run) first of all: with
     two xdist workers they then overlap the many short tests instead of ending the run alone."""

@@ -24,8 +24,6 @@ from tradojax.models.value import ValueModel
 from tradojax.parallel.mesh import make_mesh
 from tradojax.rl.loop import RLTrainer, build_step_rows, forward_batch_size, optimizers, rl_programs
 
-pytestmark = pytest.mark.usefixtures("least_effort_tpu_compile")
-
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # a tiny model with head_dim 128 (the TPU kernels' lane width); an RL step of 4 tasks x 2 responses
 TINY_RL = ["model.head_dim=128", "model.num_heads=2", "model.num_kv_heads=1", "mesh.data=1", "mesh.fsdp=4",

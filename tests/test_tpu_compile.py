@@ -31,8 +31,6 @@ from tradojax.aot import tpu_devices  # noqa: E402
 from tradojax.parallel.mesh import make_mesh  # noqa: E402
 from tradojax.parallel.sharding import param_sharding  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("least_effort_tpu_compile")
-
 CONFIG = ModelConfig(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8, num_kv_heads=2,
                      head_dim=128, compute_dtype="bfloat16", attention_impl="pallas")
 BATCH, LENGTH, SLOTS, BLOCK = 4, 384, 512, 4
