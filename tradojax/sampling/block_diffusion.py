@@ -712,18 +712,18 @@ def _outputs(state: DecodeState, plan: _Plan, rows: int) -> dict[str, jax.Array]
 
 _start_jit = jax.jit(_start, static_argnames=("plan",))
 _refill_jit = jax.jit(_refill, static_argnames=("graphdef", "plan"), donate_argnames=("state", "stage"))
-_decode_jit = jax.jit(_decode, static_argnames=("graphdef", "plan"), donate_argnames=("state",))
 _outputs_jit = jax.jit(_outputs, static_argnames=("plan", "rows"))
 
 
 @functools.lru_cache(maxsize=None)
 def _decode_program(xla_options: tuple[tuple[str, str], ...]) -> Callable:
-    """`_decode` compiled with these XLA compiler options (per program: the rest of the process keeps
-    XLA's defaults); no options: `_decode_jit` itself."""
-    if not xla_options:
-        return _decode_jit
+    """`_decode` jitted with these XLA compiler options (per program: the rest of the process keeps
+    XLA's defaults); one jitted function per option set."""
     return jax.jit(_decode, static_argnames=("graphdef", "plan"), donate_argnames=("state",),
-                   compiler_options=dict(xla_options))
+                   compiler_options=dict(xla_options) or None)
+
+
+_decode_jit = _decode_program(())  # XLA's defaults
 
 
 # ----------------------------------------------------------------------------------------------
